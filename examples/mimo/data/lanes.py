@@ -1,0 +1,94 @@
+"""Lane routing: which global sample indices each rank consumes, and collation per role.
+
+Megatron orders a global batch micro-batch-major: micro-batch j of step t covers the m * d_l
+samples [t*G + j*m*d_l, t*G + (j+1)*m*d_l), and LLM DP rank l (a "lane") takes the l-th slice of
+m. An encoder DP rank takes the e-th slice of m * d_l / d_e of the same range: several whole lanes
+when d_e < d_l (fan-out), a share of one lane when d_e > d_l (fan-in). The bridge splits and joins
+activations in DP-rank order, so both sides line up sample for sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+ENCODER, LLM = "encoder", "llm"
+
+
+@dataclass(frozen=True)
+class RankDataLayout:
+    role: str  # ENCODER or LLM
+    offset: int  # first sample of this rank within a micro-batch's m * d_l samples
+    size: int  # samples per micro-batch on this rank
+    microbatch_samples: int  # m * d_l
+    num_microbatches: int
+    global_batch_size: int
+    fan_in: bool  # encoder DP > LLM DP: this encoder rank feeds part of one lane
+
+
+def rank_layout(*, role: str, dp_rank: int, micro_batch_size: int, llm_dp: int, encoder_dp: int,
+                num_microbatches: int) -> RankDataLayout:
+    lanes = micro_batch_size * llm_dp
+    size = micro_batch_size if role == LLM else lanes // encoder_dp
+    return RankDataLayout(role=role, offset=dp_rank * size, size=size, microbatch_samples=lanes,
+                          num_microbatches=num_microbatches,
+                          global_batch_size=lanes * num_microbatches,
+                          fan_in=role == ENCODER and encoder_dp > llm_dp)
+
+
+def sample_indices(layout: RankDataLayout, step: int, microbatch: int) -> range:
+    start = step * layout.global_batch_size + microbatch * layout.microbatch_samples + layout.offset
+    return range(start, start + layout.size)
+
+
+def collate(samples: List[Dict[str, Optional[torch.Tensor]]], *, role: str, encoder_module: str,
+            encoder_name: str, fan_in: bool, device: torch.device, dtype: torch.dtype) -> dict:
+    """Stack samples ({input_ids, labels, loss_mask, image|None}) into MimoModel.forward kwargs."""
+    input_ids = torch.stack([s["input_ids"] for s in samples]).to(device)
+    if role == LLM:
+        seq = input_ids.size(1)
+        return {
+            "input_ids": input_ids,
+            "position_ids": torch.arange(seq, device=device).expand(len(samples), seq).contiguous(),
+            "labels": torch.stack([s["labels"] for s in samples]).to(device),
+            "loss_mask": torch.stack([s["loss_mask"] for s in samples]).to(device),
+        }
+    images = [s["image"] for s in samples if s["image"] is not None]
+    modality_inputs = None
+    if images:
+        stacked = torch.stack(images).to(device=device, dtype=dtype)
+        modality_inputs = {encoder_module: {encoder_name: {"images": stacked}}}
+    # With fan-in each encoder rank feeds exactly one LLM rank, so the per-sample split that
+    # MimoModel derives from input_ids is not needed; megatron-core 0.19.2 rejects that split
+    # for uneven per-sample image counts under fan-in, which text-only samples produce.
+    return {"input_ids": None if fan_in else input_ids, "modality_inputs": modality_inputs}
+
+
+class LaneIterator:
+    """Yields this rank's micro-batches in schedule order; resumable from a sample count."""
+
+    def __init__(self, layout: RankDataLayout, make_sample: Callable[[int], dict],
+                 collate_fn: Callable[[list], dict], consumed_samples: int = 0):
+        if consumed_samples % layout.global_batch_size:
+            raise ValueError(f"consumed samples {consumed_samples} is not a whole number of "
+                             f"global batches of {layout.global_batch_size}")
+        self.layout = layout
+        self._make_sample = make_sample
+        self._collate = collate_fn
+        self._step = consumed_samples // layout.global_batch_size
+        self._microbatch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        indices = sample_indices(self.layout, self._step, self._microbatch)
+        self._microbatch += 1
+        if self._microbatch == self.layout.num_microbatches:
+            self._step, self._microbatch = self._step + 1, 0
+        return self._collate([self._make_sample(i) for i in indices])
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self._step * self.layout.global_batch_size}

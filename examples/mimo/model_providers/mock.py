@@ -1,0 +1,234 @@
+"""A tiny VLM built only from megatron-core local (non-TE) specs: a ViT-like encoder with an MLP
+projector, and a GPT language model. Small enough to train on CPU in CI."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from examples.mimo.model_providers import ENCODER_MODULE, DataSpec, ModelFacts
+
+NAME = "mock"
+VIT_ENCODER = "vit"
+
+
+@dataclass(frozen=True)
+class MockModelConfig:
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    encoder_hidden_size: int
+    encoder_num_layers: int
+    encoder_num_attention_heads: int
+    img_h: int
+    img_w: int
+    patch_dim: int
+    freeze_lm: bool
+    freeze_vit: bool
+    freeze_projection: bool
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.img_h // self.patch_dim) * (self.img_w // self.patch_dim)
+
+    @property
+    def image_token_id(self) -> int:
+        # The last vocabulary entry is never produced as text, so it can mark image positions.
+        return self.vocab_size - 1
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mock model provider")
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--vocab-size", type=int, default=256)
+    g.add_argument("--encoder-hidden-size", type=int, default=32)
+    g.add_argument("--encoder-num-layers", type=int, default=2)
+    g.add_argument("--encoder-num-attention-heads", type=int, default=4)
+    g.add_argument("--img-h", type=int, default=16)
+    g.add_argument("--img-w", type=int, default=16)
+    g.add_argument("--patch-dim", type=int, default=4)
+    g.add_argument("--freeze-lm", action="store_true", help="Freeze the language model.")
+    g.add_argument("--freeze-vit", action="store_true", help="Freeze the vision encoder.")
+    g.add_argument("--freeze-projection", action="store_true", help="Freeze the vision projector.")
+
+
+def config_from_args(args: argparse.Namespace) -> MockModelConfig:
+    cfg = MockModelConfig(
+        hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
+        encoder_hidden_size=args.encoder_hidden_size, encoder_num_layers=args.encoder_num_layers,
+        encoder_num_attention_heads=args.encoder_num_attention_heads, img_h=args.img_h,
+        img_w=args.img_w, patch_dim=args.patch_dim, freeze_lm=args.freeze_lm,
+        freeze_vit=args.freeze_vit, freeze_projection=args.freeze_projection,
+    )
+    for flag, value in (("--hidden-size", cfg.hidden_size), ("--num-layers", cfg.num_layers),
+                        ("--num-attention-heads", cfg.num_attention_heads),
+                        ("--encoder-hidden-size", cfg.encoder_hidden_size),
+                        ("--encoder-num-layers", cfg.encoder_num_layers),
+                        ("--encoder-num-attention-heads", cfg.encoder_num_attention_heads),
+                        ("--img-h", cfg.img_h), ("--img-w", cfg.img_w),
+                        ("--patch-dim", cfg.patch_dim)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if cfg.vocab_size < 3:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} must be >= 3")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"--num-attention-heads {cfg.num_attention_heads} must divide "
+                         f"--hidden-size {cfg.hidden_size}")
+    if cfg.encoder_hidden_size % cfg.encoder_num_attention_heads:
+        raise ValueError(f"--encoder-num-attention-heads {cfg.encoder_num_attention_heads} must "
+                         f"divide --encoder-hidden-size {cfg.encoder_hidden_size}")
+    if cfg.img_h % cfg.patch_dim or cfg.img_w % cfg.patch_dim:
+        raise ValueError(f"--patch-dim {cfg.patch_dim} must divide --img-h {cfg.img_h} and "
+                         f"--img-w {cfg.img_w}")
+    return cfg
+
+
+def facts(cfg: MockModelConfig) -> ModelFacts:
+    return ModelFacts(llm_num_layers=cfg.num_layers, llm_num_heads=cfg.num_attention_heads,
+                      llm_num_query_groups=cfg.num_attention_heads,
+                      encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0)
+
+
+def data_spec(cfg: MockModelConfig) -> DataSpec:
+    return DataSpec(vocab_size=cfg.vocab_size, image_token_id=cfg.image_token_id,
+                    image_tokens=cfg.image_tokens, image_shape=(3, cfg.img_h, cfg.img_w))
+
+
+def _transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Full weights are drawn on the CPU and then split, so the initial model does not
+        # depend on the TP layout: the layout-parity tests rely on this.
+        use_cpu_initialization=True,
+        # Activations cross the bridge with their shapes, so lengths may vary per step; megatron
+        # then requires the alltoall MoE dispatcher even for dense models.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        calculate_per_token_loss=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **kwargs,
+    )
+
+
+class MockViT(torch.nn.Module):
+    """Patch embedding + learned positions + a megatron-core transformer block (no mask)."""
+
+    def __init__(self, config, img_h: int, img_w: int, patch_dim: int, pg_collection):
+        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        super().__init__()
+        self.config = config
+        num_patches = (img_h // patch_dim) * (img_w // patch_dim)
+        self.patch_embed = torch.nn.Conv2d(3, config.hidden_size, patch_dim, stride=patch_dim,
+                                           bias=False, dtype=config.params_dtype)
+        self.position_embeddings = torch.nn.Parameter(
+            0.02 * torch.randn(num_patches, 1, config.hidden_size, dtype=config.params_dtype))
+        self.decoder = TransformerBlock(config, spec=get_vit_layer_with_local_spec(),
+                                        pre_process=True, post_process=True,
+                                        pg_collection=pg_collection)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).permute(2, 0, 1)  # [patches, b, h]
+        x = self.decoder(hidden_states=x + self.position_embeddings, attention_mask=None)
+        return x.transpose(0, 1).contiguous()  # [b, patches, h]
+
+
+def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.dtype):
+    from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    vit_config = _transformer_config(
+        tp=tp, pp=1, dtype=dtype, num_layers=cfg.encoder_num_layers,
+        hidden_size=cfg.encoder_hidden_size, num_attention_heads=cfg.encoder_num_attention_heads)
+    projector_config = _transformer_config(
+        tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.hidden_size, num_attention_heads=1,
+        activation_func=torch.nn.functional.gelu)
+    vit = ModuleSpec(module=MockViT, params=dict(config=vit_config, img_h=cfg.img_h,
+                                                img_w=cfg.img_w, patch_dim=cfg.patch_dim,
+                                                pg_collection=pg_collection))
+    projector = ModuleSpec(module=MultimodalProjector, params=dict(
+        config=projector_config,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        projector_type="mlp", input_size=cfg.encoder_hidden_size,
+        tp_group=pg_collection.tp if pg_collection is not None else None))
+    return ModuleSpec(module=VisionModalitySubmodules, params={"pg_collection": pg_collection},
+                      submodules={"encoders": {VIT_ENCODER: vit}, "input_projections": [projector]})
+
+
+def language_spec(cfg: MockModelConfig, *, pg_collection, tp: int, pp: int, dtype: torch.dtype,
+                  seq_length: int):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
+    config = _transformer_config(
+        tp=tp, pp=pp, dtype=dtype, num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
+    return ModuleSpec(module=GPTModel, params=dict(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=cfg.vocab_size, max_sequence_length=seq_length,
+        pre_process=pp_rank == 0, post_process=pp_rank == pp - 1,
+        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        pg_collection=pg_collection))
+
+
+def module_config(module) -> object:
+    """The TransformerConfig that DDP should use for a built branch."""
+    encoders = getattr(module, "encoders", None)
+    return encoders[VIT_ENCODER].config if encoders is not None else module.config
+
+
+def build(cfg: MockModelConfig, *, topology, dtype: torch.dtype, seq_length: int):
+    """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
+    from megatron.core.models.mimo.config.base_configs import MimoModelConfig
+    from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
+    from megatron.core.models.mimo.model.base import MimoModel
+
+    # Every rank describes both branches (MimoModelConfig checks the keys), but builds only its
+    # own; the other branch's spec carries no process groups and is never instantiated.
+    grid = topology.grid_config
+    lm = language_spec(cfg, pg_collection=topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY),
+                       tp=grid.llm_tp, pp=grid.llm_pp, dtype=dtype, seq_length=seq_length)
+    modalities, special = {}, {}
+    if not grid.llm_only:
+        modalities[ENCODER_MODULE] = encoder_spec(
+            cfg, pg_collection=topology.module_pgc(ENCODER_MODULE), tp=grid.encoder_tp, dtype=dtype)
+        special[ENCODER_MODULE] = cfg.image_token_id
+    model = MimoModel(MimoModelConfig(language_model_spec=lm, modality_submodules_spec=modalities,
+                                      special_token_ids=special,
+                                      module_to_grid_map=topology.grid_map))
+    freeze(model, cfg)
+    return model
+
+
+def freeze(model, cfg: MockModelConfig) -> None:
+    if model.language_model is not None and cfg.freeze_lm:
+        model.language_model.requires_grad_(False)
+    vision: Optional[torch.nn.Module] = model.modality_submodules[ENCODER_MODULE] \
+        if ENCODER_MODULE in model.modality_submodules else None
+    if vision is not None:
+        if cfg.freeze_vit:
+            vision.encoders.requires_grad_(False)
+        if cfg.freeze_projection:
+            vision.input_projections.requires_grad_(False)
+

@@ -1,0 +1,1 @@
+"""Heterogeneous-parallel MIMO training: encoder and LLM on disjoint rank grids."""

@@ -1,0 +1,360 @@
+"""Command-line flags -> frozen per-concern configs, validated by pure functions.
+
+Nothing here imports torch.distributed: every check runs before a process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from examples.mimo.data import DATA_PROVIDERS
+from examples.mimo.model_providers import MODEL_PROVIDERS, ModelFacts
+
+DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    encoder_tp: int
+    encoder_dp: int
+    llm_tp: int
+    llm_pp: int
+    llm_dp: int
+    llm_ep: int
+    llm_expt_tp: int
+    llm_only: bool
+
+    @property
+    def encoder_size(self) -> int:
+        return 0 if self.llm_only else self.encoder_tp * self.encoder_dp
+
+    @property
+    def llm_size(self) -> int:
+        return self.llm_tp * self.llm_pp * self.llm_dp
+
+    @property
+    def world_size(self) -> int:
+        return self.encoder_size + self.llm_size
+
+    @property
+    def llm_expt_dp(self) -> int:
+        # Within one PP stage the expert view re-factors the same tp*dp ranks.
+        return self.llm_tp * self.llm_dp // (self.llm_ep * self.llm_expt_tp)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    num_microbatches: int
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Everything in samples, as OptimizerParamScheduler steps by the global batch."""
+
+    train_iters: int
+    lr: float
+    min_lr: float
+    warmup_samples: int
+    decay_samples: int
+    decay_style: str
+    wsd_decay_samples: Optional[int]
+    wsd_decay_style: Optional[str]
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    clip_grad: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    overlap_grad_reduce: bool
+    bucket_size: Optional[int]
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str  # auto | cuda | cpu; resolved by device.py
+    bf16: bool
+    seed: int
+    distributed_timeout_minutes: float
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    log_interval: int
+    metrics_file: Optional[str]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    grid: GridConfig
+    batch: BatchConfig
+    schedule: ScheduleConfig
+    optim: OptimConfig
+    ddp: DDPConfig
+    runtime: RuntimeConfig
+    log: LogConfig
+    model_provider: str
+    model: object  # the provider's own frozen config
+    data_provider: str
+    data: object  # the data provider's own frozen config
+
+
+def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Heterogeneous-parallel MIMO training: encoder and LLM on disjoint grids.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("hetero grids")
+    g.add_argument("--encoder-tp", type=int, default=1, help="Encoder tensor-parallel size.")
+    g.add_argument("--encoder-dp", type=int, default=1, help="Encoder data-parallel size.")
+    g.add_argument("--llm-tp", type=int, default=1, help="LLM tensor-parallel size.")
+    g.add_argument("--llm-pp", type=int, default=1, help="LLM pipeline-parallel size.")
+    g.add_argument("--llm-dp", type=int, default=1, help="LLM data-parallel size (one lane each).")
+    g.add_argument("--llm-ep", type=int, default=1, help="LLM expert-parallel size.")
+    g.add_argument("--llm-expt-tp", type=int, default=None,
+                   help="LLM expert tensor-parallel size (default: --llm-tp).")
+    g.add_argument("--llm-only", action="store_true", help="No encoder grid; text-only LLM training.")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="Must be 1 (not supported).")
+
+    b = p.add_argument_group("batch")
+    b.add_argument("--micro-batch-size", type=int, default=2, help="Samples per LLM micro-batch.")
+    b.add_argument("--global-batch-size", type=int, default=8, help="Samples per iteration.")
+    b.add_argument("--seq-length", type=int, default=64, help="Tokens per sample.")
+
+    t = p.add_argument_group("training and learning-rate schedule")
+    t.add_argument("--train-iters", type=int, default=None, help="Iterations to train.")
+    t.add_argument("--train-samples", type=int, default=None,
+                   help="Samples to train; iterations = ceil(samples / global batch).")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr-warmup-iters", type=int, default=None)
+    t.add_argument("--lr-warmup-samples", type=int, default=None)
+    t.add_argument("--lr-decay-iters", type=int, default=None, help="Default: the whole run.")
+    t.add_argument("--lr-decay-samples", type=int, default=None, help="Default: the whole run.")
+    t.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
+    t.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    t.add_argument("--lr-wsd-decay-samples", type=int, default=None)
+    t.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default=None)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--clip-grad", type=float, default=1.0, help="Global grad-norm clip; 0 disables.")
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.999)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+
+    d = p.add_argument_group("distributed data parallel")
+    d.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Overlap the LLM's grad reduce with backward. The encoder never overlaps: "
+                        "text-only steps leave its buckets without grads.")
+    d.add_argument("--ddp-bucket-size", type=int, default=None, help="Elements per DDP bucket.")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cpu runs megatron-core on gloo (see device.py).")
+    r.add_argument("--bf16", action="store_true", help="bf16 params and compute (CUDA only).")
+    r.add_argument("--seed", type=int, default=1234)
+    r.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="Collective timeout; a stuck job ends within it.")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-interval", type=int, default=1)
+    lg.add_argument("--metrics-file", default=None,
+                    help="JSON lines of per-iteration metrics, written by the logging rank.")
+
+    pr = p.add_argument_group("providers")
+    pr.add_argument("--model-provider", default=model_provider, help=f"One of {sorted(MODEL_PROVIDERS)}.")
+    pr.add_argument("--data-provider", default=data_provider, help=f"One of {sorted(DATA_PROVIDERS)}.")
+    lookup("--model-provider", MODEL_PROVIDERS, model_provider).add_args(p)
+    lookup("--data-provider", DATA_PROVIDERS, data_provider).add_args(p)
+    return p
+
+
+def lookup(flag: str, registry: dict, name: str):
+    if name not in registry:
+        raise ValueError(f"{flag} {name!r} is unknown; known: {sorted(registry)}")
+    return registry[name]
+
+
+def parse_config(argv: Sequence[str], world_size: int) -> TrainConfig:
+    """Parse and validate; raises ValueError naming the offending flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model-provider", default="mock")
+    pre.add_argument("--data-provider", default="mock")
+    names, _ = pre.parse_known_args(argv)
+    args = build_parser(names.model_provider, names.data_provider).parse_args(argv)
+    return config_from_args(args, world_size)
+
+
+def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
+    model_provider = lookup("--model-provider", MODEL_PROVIDERS, args.model_provider)
+    data_provider = lookup("--data-provider", DATA_PROVIDERS, args.data_provider)
+    model_cfg = model_provider.config_from_args(args)
+    data_cfg = data_provider.config_from_args(args)
+    grid = GridConfig(
+        encoder_tp=args.encoder_tp, encoder_dp=args.encoder_dp, llm_tp=args.llm_tp,
+        llm_pp=args.llm_pp, llm_dp=args.llm_dp, llm_ep=args.llm_ep,
+        llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp,
+        llm_only=args.llm_only,
+    )
+    if args.context_parallel_size != 1:
+        raise ValueError(
+            f"--context-parallel-size {args.context_parallel_size}: only 1 is supported")
+    validate_grid(grid, world_size)
+    batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
+    validate_model_fit(grid, model_provider.facts(model_cfg))
+    data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length)
+    runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
+                            distributed_timeout_minutes=args.distributed_timeout_minutes)
+    if args.bf16 and args.device == "cpu":
+        raise ValueError("--bf16 needs --device cuda (gloo on CPU runs fp32)")
+    if args.distributed_timeout_minutes <= 0:
+        raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} must be > 0")
+    if args.log_interval < 1:
+        raise ValueError(f"--log-interval {args.log_interval} must be >= 1")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
+    if args.clip_grad < 0:
+        raise ValueError(f"--clip-grad {args.clip_grad} must be >= 0")
+    return TrainConfig(
+        grid=grid,
+        batch=batch,
+        schedule=build_schedule(args, batch.global_batch_size),
+        optim=OptimConfig(clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
+                          adam_beta2=args.adam_beta2, adam_eps=args.adam_eps),
+        ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
+        runtime=runtime,
+        log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file),
+        model_provider=args.model_provider,
+        model=model_cfg,
+        data_provider=args.data_provider,
+        data=data_cfg,
+    )
+
+
+def validate_grid(grid: GridConfig, world_size: int) -> None:
+    sizes = {"--llm-tp": grid.llm_tp, "--llm-pp": grid.llm_pp, "--llm-dp": grid.llm_dp,
+             "--llm-ep": grid.llm_ep, "--llm-expt-tp": grid.llm_expt_tp}
+    if not grid.llm_only:
+        sizes.update({"--encoder-tp": grid.encoder_tp, "--encoder-dp": grid.encoder_dp})
+    for flag, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if grid.world_size != world_size:
+        encoder = ("0 (--llm-only)" if grid.llm_only else
+                   f"--encoder-tp {grid.encoder_tp} x --encoder-dp {grid.encoder_dp} = {grid.encoder_size}")
+        raise ValueError(
+            f"world size {world_size} != encoder ranks {encoder} + LLM ranks --llm-tp {grid.llm_tp} "
+            f"x --llm-pp {grid.llm_pp} x --llm-dp {grid.llm_dp} = {grid.llm_size}")
+    expert_span = grid.llm_ep * grid.llm_expt_tp
+    if (grid.llm_tp * grid.llm_dp) % expert_span:
+        raise ValueError(
+            f"--llm-ep {grid.llm_ep} x --llm-expt-tp {grid.llm_expt_tp} = {expert_span} must divide "
+            f"--llm-tp {grid.llm_tp} x --llm-dp {grid.llm_dp} = {grid.llm_tp * grid.llm_dp}")
+
+
+def build_batch(grid: GridConfig, micro: int, global_: int, seq: int) -> BatchConfig:
+    for flag, value in (("--micro-batch-size", micro), ("--global-batch-size", global_),
+                        ("--seq-length", seq)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    lanes = micro * grid.llm_dp
+    if global_ % lanes:
+        raise ValueError(
+            f"--global-batch-size {global_} must be divisible by --micro-batch-size {micro} "
+            f"x --llm-dp {grid.llm_dp} = {lanes}")
+    if not grid.llm_only and lanes % grid.encoder_dp:
+        raise ValueError(
+            f"--micro-batch-size {micro} x --llm-dp {grid.llm_dp} = {lanes} must be divisible by "
+            f"--encoder-dp {grid.encoder_dp}")
+    return BatchConfig(micro_batch_size=micro, global_batch_size=global_, seq_length=seq,
+                       num_microbatches=global_ // lanes)
+
+
+def validate_model_fit(grid: GridConfig, facts: ModelFacts) -> None:
+    if facts.llm_num_layers % grid.llm_pp:
+        raise ValueError(
+            f"--llm-pp {grid.llm_pp} must divide the LLM's {facts.llm_num_layers} layers")
+    if facts.llm_num_heads % grid.llm_tp:
+        raise ValueError(
+            f"--llm-tp {grid.llm_tp} must divide the LLM's {facts.llm_num_heads} attention heads")
+    if facts.llm_num_query_groups % grid.llm_tp:
+        raise ValueError(
+            f"--llm-tp {grid.llm_tp} must divide the LLM's {facts.llm_num_query_groups} query groups")
+    if not grid.llm_only and facts.encoder_num_heads % grid.encoder_tp:
+        raise ValueError(
+            f"--encoder-tp {grid.encoder_tp} must divide the encoder's "
+            f"{facts.encoder_num_heads} attention heads")
+    if grid.llm_ep > 1 and not facts.num_experts:
+        raise ValueError(f"--llm-ep {grid.llm_ep} needs a MoE language model (it has no experts)")
+    if facts.num_experts and facts.num_experts % grid.llm_ep:
+        raise ValueError(
+            f"--llm-ep {grid.llm_ep} must divide the LLM's {facts.num_experts} experts")
+
+
+def build_schedule(args: argparse.Namespace, global_batch: int) -> ScheduleConfig:
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ValueError(
+            f"give exactly one of --train-iters ({args.train_iters}) and "
+            f"--train-samples ({args.train_samples})")
+    sample_based = args.train_samples is not None
+    unit, other = ("samples", "iters") if sample_based else ("iters", "samples")
+    for name in ("lr_warmup", "lr_decay", "lr_wsd_decay"):
+        if getattr(args, f"{name}_{other}") is not None:
+            raise ValueError(
+                f"--{name.replace('_', '-')}-{other} cannot be used with --train-{unit}; "
+                f"use --{name.replace('_', '-')}-{unit}")
+
+    def samples(name: str, default: Optional[int]) -> Optional[int]:
+        value = getattr(args, f"{name}_{unit}")
+        if value is None:
+            return default
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')}-{unit} {value} must be >= 0")
+        return value if sample_based else value * global_batch
+
+    if sample_based:
+        if args.train_samples < 1:
+            raise ValueError(f"--train-samples {args.train_samples} must be >= 1")
+        train_iters = math.ceil(args.train_samples / global_batch)
+    else:
+        if args.train_iters < 1:
+            raise ValueError(f"--train-iters {args.train_iters} must be >= 1")
+        train_iters = args.train_iters
+    warmup = samples("lr_warmup", 0)
+    decay = samples("lr_decay", train_iters * global_batch)
+    wsd = samples("lr_wsd_decay", None)
+    if decay < 1:
+        raise ValueError(f"--lr-decay-{unit} must be >= 1")
+    if warmup >= decay:
+        raise ValueError(f"--lr-warmup-{unit} ({warmup} samples) must be < --lr-decay-{unit} "
+                         f"({decay} samples)")
+    if args.lr_decay_style == "WSD":
+        if wsd is None or args.lr_wsd_decay_style is None:
+            raise ValueError(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} and "
+                             f"--lr-wsd-decay-style")
+        if not 0 < wsd <= decay - warmup:
+            raise ValueError(f"--lr-wsd-decay-{unit} ({wsd} samples) must be in (0, decay - warmup "
+                             f"= {decay - warmup} samples]")
+    elif wsd is not None or args.lr_wsd_decay_style is not None:
+        raise ValueError(f"--lr-wsd-decay-{unit}/--lr-wsd-decay-style need --lr-decay-style WSD "
+                         f"(got {args.lr_decay_style})")
+    if args.lr <= 0 or not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"need --lr > 0 and 0 <= --min-lr <= --lr (got {args.lr}, {args.min_lr})")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay {args.weight_decay} must be >= 0")
+    return ScheduleConfig(
+        train_iters=train_iters, lr=args.lr, min_lr=args.min_lr, warmup_samples=warmup,
+        decay_samples=decay, decay_style=args.lr_decay_style, wsd_decay_samples=wsd,
+        wsd_decay_style=args.lr_wsd_decay_style, weight_decay=args.weight_decay)

@@ -1,0 +1,153 @@
+"""Device and backend selection, and the CPU/gloo emulation of megatron-core 0.19.2.
+
+megatron-core assumes CUDA in a few places on the hetero path. On ``--device cpu`` the patches
+below redirect exactly those places so the real grids, bridge, 1F1B schedule, DDP and optimizer run
+on gloo. They are applied only in CPU mode, only once, and live in this module alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_CPU_PATCHED = False
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    return requested
+
+
+def init_distributed(device: str, timeout_minutes: float) -> torch.device:
+    """Start the default group (torchrun env) and return this rank's device."""
+    timeout = timedelta(minutes=timeout_minutes)
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", timeout=timeout, device_id=dev)
+        return dev
+    enable_cpu_emulation()
+    dist.init_process_group("gloo", timeout=timeout)
+    return torch.device("cpu")
+
+
+def seed_all(seed: int, *, device: str, tp_rank: int, ep_rank: int, etp_rank: int) -> None:
+    torch.manual_seed(seed)
+    if device == "cuda":
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        # Without parallel_state the tracker must be told this rank's TP/EP coordinates.
+        model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank)
+
+
+def enable_cpu_emulation() -> None:
+    global _CPU_PATCHED
+    if _CPU_PATCHED:
+        return
+    _CPU_PATCHED = True
+
+    # Many allocations use device=torch.cuda.current_device(); "cpu" is a valid device argument.
+    torch.cuda.current_device = lambda: "cpu"
+    # DDP's grad sync orders its collectives against the current CUDA stream; CPU work is
+    # already in program order, so a stream that never waits is exact.
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+
+    # Literal device="cuda" in the schedule (token counter), the optimizers (found-inf and overflow
+    # flags, grad-norm and clipping scratch, the pure-torch multi-tensor L2 norm), MimoOptimizer (world-wide flags), the causal-mask
+    # helpers and DDP's buffer warm-up: give those modules a torch whose factory functions map
+    # "cuda" to the CPU. Everything else in them is the real torch.
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+    import megatron.core.models.mimo.optimizer as mimo_optimizer
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.transformer.utils as transformer_utils
+    import megatron.core.utils as core_utils
+
+    for module in (schedules, mimo_optimizer, optimizer, distrib_optimizer, clip_grads,
+                   transformer_utils, buffers, core_utils):
+        module.torch = _CpuTorch()
+
+    # The optimizers accept parameters and grads only if .type() names a torch.cuda tensor type;
+    # CPU tensors answer with the matching CUDA name when asked for their type name.
+    tensor_type = torch.Tensor.type
+
+    def cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return tensor_type(self).replace("torch.", "torch.cuda.", 1)
+        return tensor_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_type_name
+
+    # The bridge hard-codes backend="nccl" for its own groups; gloo is the CPU equivalent.
+    from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+
+    def broadcast_pg(cls, ranks_list):
+        key = str(sorted(tuple(r) for r in ranks_list))
+        if key not in cls._broadcast_pg_cache:
+            cls._broadcast_pg_cache[key], _ = dist.new_subgroups_by_enumeration(ranks_list, backend="gloo")
+        return cls._broadcast_pg_cache[key]
+
+    def bridge_pg(cls, ranks):
+        key = str(sorted(ranks))
+        if key not in cls._bridge_pg_cache:
+            cls._bridge_pg_cache[key] = dist.new_group(ranks, backend="gloo")
+        return cls._bridge_pg_cache[key]
+
+    BridgeCommunicator._get_or_create_broadcast_pg = classmethod(broadcast_pg)
+    BridgeCommunicator._get_or_create_bridge_pg = classmethod(bridge_pg)
+
+    # The CUDA RNG tracker forks CUDA generator state around dropout and TP init; on CPU there is
+    # no such state, and our CPU runs use no dropout, so a fork is a plain context.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class _CpuRngTracker(mp_random.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self.states_[name] = seed
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            yield
+
+    mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+class _NullStream:
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+def _cpu_device_kwargs(kwargs: dict) -> dict:
+    device = kwargs.get("device")
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+class _CpuTorch(types.ModuleType):
+    """The torch module, except that tensor factories place device="cuda" tensors on the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            return lambda *a, **kw: attr(*a, **_cpu_device_kwargs(kw))
+        return attr

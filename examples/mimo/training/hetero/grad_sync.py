@@ -1,0 +1,53 @@
+"""Gradient finalization across two disjoint grids, installed as the schedule's
+``finalize_model_grads_func``.
+
+Both branches use per-token loss: DDP sums gradients over its DP group (no averaging), and then
+every branch divides by the global number of loss tokens, which only the LLM's last stage knows
+and which one world all-reduce hands to the encoder ranks. An encoder DP rank that saw no image
+in a step contributes zero to that sum, which is exactly its share of the gradient of the summed
+loss, so no participation rescaling is needed: the parity tests with text-only samples check this
+against a single-process reference.
+
+The same all-reduce carries a "non-finite gradient anywhere" flag, so every rank takes the same
+skip decision before the optimizer runs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from examples.mimo.training.hetero.topology import LANGUAGE, Topology
+
+
+class GradSync:
+    def __init__(self, *, branches: Dict[str, torch.nn.Module], topology: Topology,
+                 device: torch.device):
+        self.branches = branches
+        self.topology = topology
+        self.device = device
+        llm = topology.module_pgc(LANGUAGE)
+        # One rank per lane reports its tokens: last LLM stage, TP rank 0.
+        self._reports_tokens = (llm is not None and llm.pp.rank() == llm.pp.size() - 1
+                                and llm.tp.rank() == 0)
+        self.global_tokens = 0
+        self.found_nonfinite = False
+
+    def __call__(self, model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        for name, ddp in self.branches.items():
+            finalize_model_grads([ddp], num_tokens=None, pg_collection=self.topology.module_pgc(name),
+                                 force_all_reduce=force_all_reduce)
+        local_tokens = float(num_tokens) if self._reports_tokens and num_tokens is not None else 0.0
+        nonfinite = any(not bool(torch.isfinite(buf.grad_data).all())
+                        for ddp in self.branches.values()
+                        for buf in ddp.buffers + ddp.expert_parallel_buffers)
+        stats = torch.tensor([local_tokens, float(nonfinite)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats)
+        self.global_tokens = int(stats[0].item())
+        self.found_nonfinite = bool(stats[1].item() > 0)
+        scale = 1.0 / max(self.global_tokens, 1)
+        for ddp in self.branches.values():
+            ddp.scale_gradients(scale)

@@ -1,0 +1,57 @@
+"""The interval log line (Megatron's format) and the per-iteration metrics file."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from examples.mimo.training.hetero.step import StepResult
+
+
+class IntervalLogger:
+    def __init__(self, *, enabled: bool, interval: int, total_iters: int, global_batch: int,
+                 seq_length: int, world_size: int, metrics_file: Optional[str]):
+        self.enabled = enabled
+        self.interval = interval
+        self.total_iters = total_iters
+        self.global_batch = global_batch
+        self.tokens_per_iter = global_batch * seq_length
+        self.world_size = world_size
+        self.skipped = 0
+        self._metrics = open(metrics_file, "a") if enabled and metrics_file else None
+        self._t0 = time.perf_counter()
+        self._iters_in_interval = 0
+
+    def record(self, iteration: int, result: StepResult) -> None:
+        self.skipped += int(result.skipped)
+        self._iters_in_interval += 1
+        if not self.enabled:
+            return
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({
+                "iteration": iteration, "lm_loss": result.lm_loss, "grad_norm": result.grad_norm,
+                "learning_rate": result.learning_rate, "skipped": result.skipped,
+                "loss_tokens": result.loss_tokens,
+                "consumed_samples": iteration * self.global_batch}) + "\n")
+            self._metrics.flush()
+        if iteration % self.interval and iteration != self.total_iters:
+            return
+        now = time.perf_counter()
+        ms = 1000.0 * (now - self._t0) / self._iters_in_interval
+        self._t0, self._iters_in_interval = now, 0
+        grad_norm = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
+        print(f" iteration {iteration:8d}/{self.total_iters:8d} |"
+              f" consumed samples: {iteration * self.global_batch:12d} |"
+              f" elapsed time per iteration (ms): {ms:.1f} |"
+              f" learning rate: {result.learning_rate:.6E} |"
+              f" global batch size: {self.global_batch:5d} |"
+              f" lm loss: {result.lm_loss:.6E} |"
+              f" grad norm: {grad_norm} |"
+              f" number of skipped iterations: {self.skipped:3d} |"
+              f" tokens/s/GPU: {self.tokens_per_iter / self.world_size / (ms / 1000.0):.1f}",
+              flush=True)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
