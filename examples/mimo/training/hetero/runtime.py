@@ -62,7 +62,9 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
              etp_rank=own.expt_tp.rank())
     provider = MODEL_PROVIDERS[cfg.model_provider]
     model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length)
-    model.to(device)
+    # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
+    # Megatron's Float16Module does.
+    model.to(device=device, dtype=dtype)
 
     branches = {}
     for name in topology.grid_map:

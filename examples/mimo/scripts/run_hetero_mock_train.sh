@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A short hetero training run on the mock model and data: encoder on rank 0, LLM on rank 1.
+# Uses NCCL + bf16 when there is a GPU for every rank, else CPU/gloo in fp32. Extra arguments are
+# passed to train_hetero.py and override the defaults below (argparse keeps the last value).
+#   NPROC=3 bash examples/mimo/scripts/run_hetero_mock_train.sh --llm-dp 2
+# HETERO_PYTHON=python3 skips the virtualenv set-up (for nodes prepared by install_wheelhouse.sh).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+py=${HETERO_PYTHON:-$(bash "$root/examples/mimo/scripts/setup_env.sh" | tail -n 1)}
+nproc=${NPROC:-2}
+gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge "$nproc" ]; then device=(--device cuda --bf16); else device=(--device cpu); fi
+cd "$root"
+# The job ends on its own when a rank fails; the outer timeout is a last resort.
+exec timeout --signal=TERM --kill-after=30 "${HETERO_TIMEOUT_S:-3600}" \
+  "$py" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+  -m examples.mimo.train_hetero "${device[@]}" \
+  --train-iters 30 --global-batch-size 8 --micro-batch-size 2 --seq-length 64 \
+  --lr 2e-3 --min-lr 1e-4 --lr-warmup-iters 3 --lr-decay-style WSD \
+  --lr-wsd-decay-iters 10 --lr-wsd-decay-style minus_sqrt --log-interval 1 \
+  --distributed-timeout-minutes 5 "$@"
