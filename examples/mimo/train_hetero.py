@@ -24,9 +24,10 @@ def main(argv=None) -> None:
     runtime.close()
 
 
-if __name__ == "__main__":
+def run(argv=None) -> None:
+    """main() for a torchrun worker: a failure ends this process at once, traceback printed."""
     try:
-        main()
+        main(argv)
     except SystemExit:
         raise
     except BaseException:
@@ -34,3 +35,7 @@ if __name__ == "__main__":
         print(f"[rank {rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         # Skip interpreter teardown: destroying process groups could block on peers.
         os._exit(1)
+
+
+if __name__ == "__main__":
+    run()

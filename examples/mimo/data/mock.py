@@ -34,9 +34,15 @@ def config_from_args(args: argparse.Namespace) -> MockDataConfig:
     return MockDataConfig(text_only_fraction=args.mock_text_only_fraction)
 
 
-def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int) -> None:
+def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool) -> None:
     if seq_length < spec.image_tokens + 2:
         raise ValueError(f"--seq-length {seq_length} must be >= image tokens {spec.image_tokens} + 2")
+    if fan_in and cfg.text_only_fraction > 0:
+        # megatron-core 0.19.2's bridge returns fan-in gradients in equal splits, so every encoder
+        # rank must emit the same number of image tokens per micro-batch.
+        raise ValueError(f"--mock-text-only-fraction {cfg.text_only_fraction} must be 0 when "
+                         f"--encoder-dp exceeds --llm-dp (fan-in needs equal image counts per "
+                         f"encoder rank)")
 
 
 def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: int, seed: int,

@@ -28,16 +28,21 @@ def resolve_device(requested: str) -> str:
 
 def init_distributed(device: str, timeout_minutes: float) -> torch.device:
     """Start the default group (torchrun env) and return this rank's device."""
+    from megatron.core import parallel_state
+
     timeout = timedelta(minutes=timeout_minutes)
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", timeout=timeout, device_id=dev)
-        return dev
-    enable_cpu_emulation()
-    dist.init_process_group("gloo", timeout=timeout)
-    return torch.device("cpu")
+    else:
+        enable_cpu_emulation()
+        dist.init_process_group("gloo", timeout=timeout)
+        dev = torch.device("cpu")
+    # Local (non-TE) attention takes its scratch buffers from megatron's global memory buffer.
+    parallel_state._set_global_memory_buffer()
+    return dev
 
 
 def seed_all(seed: int, *, device: str, tp_rank: int, ep_rank: int, etp_rank: int) -> None:

@@ -52,11 +52,8 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     device = init_distributed(kind, cfg.runtime.distributed_timeout_minutes)
     topology = Topology(cfg.grid, timeout=timedelta(minutes=cfg.runtime.distributed_timeout_minutes),
                         pipeline_dtype=dtype)
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    # Local (non-TE) attention takes its scratch buffers from megatron's global memory buffer.
-    parallel_state._set_global_memory_buffer()
     own = topology.module_pgc(topology.module_name)
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
              etp_rank=own.expt_tp.rank())

@@ -1,0 +1,47 @@
+"""Runs a worker under torchrun from a test (gloo on CPU) and collects what each rank wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run -m module args`` from the repo root, with a hard timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.elapsed = time.monotonic() - start
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_json_lines(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(nproc: int, tmp_path: Path, args: List[str], name: Optional[str] = None) -> List[dict]:
+    """Train with the real entrypoint; returns the logging rank's per-iteration metrics."""
+    metrics = tmp_path / f"{name or 'metrics'}.jsonl"
+    torchrun(nproc, "examples.mimo.train_hetero", ["--device", "cpu", "--metrics-file", str(metrics),
+                                                  *args])
+    return read_json_lines(metrics)
