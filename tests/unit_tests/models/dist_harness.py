@@ -43,5 +43,6 @@ def train(nproc: int, tmp_path: Path, args: List[str], name: Optional[str] = Non
     """Train with the real entrypoint; returns the logging rank's per-iteration metrics."""
     metrics = tmp_path / f"{name or 'metrics'}.jsonl"
     torchrun(nproc, "examples.mimo.train_hetero", ["--device", "cpu", "--metrics-file", str(metrics),
+                                                  "--distributed-timeout-minutes", "2",
                                                   *args])
     return read_json_lines(metrics)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 import torch.distributed as dist
 from megatron.core.models.mimo.optimizer import MimoOptimizer, ModuleOptimizerInfo
@@ -36,9 +39,11 @@ def build_optimizer(rt: Runtime) -> MimoOptimizer:
         active = name in rt.branches
         optimizer = None
         if active and trainable[i] > 0:
-            optimizer = get_megatron_optimizer(
-                config=config, model_chunks=[branch(rt.model, name)],
-                pg_collection=rt.topology.module_pgc(name), use_gloo_process_groups=False)
+            pgc = rt.topology.module_pgc(name)
+            with _param_group_alignment_within(pgc.intra_dist_opt):
+                optimizer = get_megatron_optimizer(
+                    config=config, model_chunks=[branch(rt.model, name)], pg_collection=pgc,
+                    use_gloo_process_groups=False)
         infos[name] = ModuleOptimizerInfo(optimizer=optimizer, grid=grid,
                                           pg_collection=rt.topology.module_pgc(name), is_active=active)
     return MimoOptimizer(infos, config)
@@ -62,3 +67,29 @@ def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
         wsd_decay_steps=s.wsd_decay_samples,
         lr_wsd_decay_style=s.wsd_decay_style,
     )
+
+
+@contextlib.contextmanager
+def _param_group_alignment_within(group):
+    """megatron-core 0.19.2 aligns param-group keys with an all_gather_object over the WORLD.
+    On disjoint grids that mixes the two branches' keys, and hangs when a frozen branch builds no
+    optimizer; scope that gather (its only use of the world size) to the branch's own ranks."""
+    import megatron.core.optimizer as megatron_optimizer
+
+    scoped_dist = types.SimpleNamespace(
+        get_world_size=lambda group_=None: dist.get_world_size(group_ or group),
+        all_gather_object=lambda out, obj, group_=None: dist.all_gather_object(out, obj,
+                                                                                group_ or group))
+
+    class _ScopedTorch(types.ModuleType):
+        distributed = scoped_dist
+
+        def __getattr__(self, name):
+            return getattr(real_torch, name)
+
+    real_torch = megatron_optimizer.torch
+    megatron_optimizer.torch = _ScopedTorch("torch")
+    try:
+        yield
+    finally:
+        megatron_optimizer.torch = real_torch

@@ -1,0 +1,62 @@
+"""Behaviour of the training job on CPU/gloo: failures end every rank, non-finite gradients are
+skipped by all ranks together, frozen branches train nothing, and the real launcher trains."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.unit_tests.models.dist_harness import ROOT, read_json_lines, torchrun
+
+SHORT = ["--device", "cpu", "--global-batch-size", "8", "--seq-length", "32",
+         "--distributed-timeout-minutes", "1"]
+
+
+def test_failure_on_one_rank_ends_every_rank(tmp_path):
+    proc = torchrun(3, "tests.unit_tests.models.workers.fault_worker",
+                    ["raise", "1", "2", *SHORT, "--llm-dp", "2", "--train-iters", "50",
+                     "--distributed-timeout-minutes", "1"], timeout=240, check=False)
+    assert proc.returncode != 0
+    assert "[rank 1] training failed" in proc.stderr
+    assert "RuntimeError: injected data failure" in proc.stderr
+    assert proc.elapsed < 60, proc.elapsed  # inside the 1-minute collective timeout
+
+
+def test_non_finite_grads_skip_the_step_on_every_rank(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    torchrun(2, "tests.unit_tests.models.workers.fault_worker",
+             ["nan", "1", "2", *SHORT, "--train-iters", "4", "--metrics-file", str(metrics)],
+             timeout=240)
+    rows = read_json_lines(metrics)
+    assert [r["skipped"] for r in rows] == [False, True, False, False]
+    assert rows[1]["grad_norm"] is None
+    assert all(r["grad_norm"] > 0 for r in rows if not r["skipped"])
+    assert all(r["lm_loss"] == r["lm_loss"] for r in (rows[0], rows[2], rows[3]))  # finite
+
+
+def test_projector_only_stage(tmp_path):
+    torchrun(3, "tests.unit_tests.models.workers.frozen_worker",
+             [str(tmp_path), *SHORT, "--llm-dp", "2", "--train-iters", "3", "--freeze-lm",
+              "--freeze-vit", "--mock-text-only-fraction", "0"], timeout=240)
+    encoder = json.loads((tmp_path / "rank0.json").read_text())
+    assert encoder["vit"] == [False, False]  # no ViT weight moved
+    assert encoder["projection"] == [True, True]  # every projector weight moved
+    for rank in (1, 2):
+        llm = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert llm["lm"] == [False, False]
+    losses = json.loads((tmp_path / "rank1.json").read_text())["losses"]
+    assert losses[-1] < losses[0]
+
+
+def test_launcher_script_trains(tmp_path):
+    """The README's main command, end to end: loss falls over the run."""
+    metrics = tmp_path / "m.jsonl"
+    env = dict(os.environ, HETERO_PYTHON=sys.executable, HETERO_TIMEOUT_S="600")
+    proc = subprocess.run(["bash", "examples/mimo/scripts/run_hetero_mock_train.sh",
+                           "--train-iters", "20", "--metrics-file", str(metrics)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=660)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "iteration       20/      20" in proc.stdout
+    losses = [r["lm_loss"] for r in read_json_lines(metrics)]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
