@@ -98,6 +98,21 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    save: Optional[str]
+    load: Optional[str]
+    save_interval: Optional[int]
+    exit_interval: Optional[int]
+    no_save_optim: bool
+    no_load_optim: bool
+    no_load_rng: bool
+    no_load_scheduler: bool
+    finetune: bool
+    load_language_from: Optional[str]
+    load_vision_from: Optional[str]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     grid: GridConfig
     batch: BatchConfig
@@ -106,6 +121,7 @@ class TrainConfig:
     ddp: DDPConfig
     runtime: RuntimeConfig
     log: LogConfig
+    ckpt: CheckpointConfig
     model_provider: str
     model: object  # the provider's own frozen config
     data_provider: str
@@ -173,6 +189,24 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     lg.add_argument("--metrics-file", default=None,
                     help="JSON lines of per-iteration metrics, written by the logging rank.")
 
+    c = p.add_argument_group("checkpointing")
+    c.add_argument("--save", default=None, help="Directory for checkpoints (iter_NNNNNNN/).")
+    c.add_argument("--load", default=None,
+                   help="Resume from the latest checkpoint here; an empty or missing directory starts fresh.")
+    c.add_argument("--save-interval", type=int, default=None, help="Iterations between saves.")
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="Stop (after saving, with --save) once the iteration is a multiple of this.")
+    c.add_argument("--no-save-optim", action="store_true", help="Save model weights only.")
+    c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
+    c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
+    c.add_argument("--no-load-scheduler", action="store_true", help="Do not load the LR schedule.")
+    c.add_argument("--finetune", action="store_true",
+                   help="Load model weights only and start at iteration 0.")
+    c.add_argument("--load-language-from", default=None,
+                   help="Single-grid Megatron dist-checkpoint of the language model to start from.")
+    c.add_argument("--load-vision-from", default=None,
+                   help="Single-grid Megatron dist-checkpoint of the vision encoder to start from.")
+
     pr = p.add_argument_group("providers")
     pr.add_argument("--model-provider", default=model_provider, help=f"One of {sorted(MODEL_PROVIDERS)}.")
     pr.add_argument("--data-provider", default=data_provider, help=f"One of {sorted(DATA_PROVIDERS)}.")
@@ -228,6 +262,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
     if args.clip_grad < 0:
         raise ValueError(f"--clip-grad {args.clip_grad} must be >= 0")
+    ckpt = build_checkpoint_config(args)
     return TrainConfig(
         grid=grid,
         batch=batch,
@@ -237,6 +272,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
         runtime=runtime,
         log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file),
+        ckpt=ckpt,
         model_provider=args.model_provider,
         model=model_cfg,
         data_provider=args.data_provider,
@@ -359,3 +395,26 @@ def build_schedule(args: argparse.Namespace, global_batch: int) -> ScheduleConfi
         train_iters=train_iters, lr=args.lr, min_lr=args.min_lr, warmup_samples=warmup,
         decay_samples=decay, decay_style=args.lr_decay_style, wsd_decay_samples=wsd,
         wsd_decay_style=args.lr_wsd_decay_style, weight_decay=args.weight_decay)
+
+
+def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    for flag, value in (("--save-interval", args.save_interval), ("--exit-interval", args.exit_interval)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError(f"--save-interval {args.save_interval} needs --save")
+    if args.no_save_optim and args.save is None:
+        raise ValueError("--no-save-optim needs --save")
+    load_flags = [f for f, v in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng),
+                                 ("--no-load-scheduler", args.no_load_scheduler),
+                                 ("--finetune", args.finetune)) if v]
+    if load_flags and args.load is None:
+        raise ValueError(f"{', '.join(load_flags)} need --load")
+    if args.llm_only and args.load_vision_from is not None:
+        raise ValueError("--load-vision-from has no encoder to load into with --llm-only")
+    return CheckpointConfig(
+        save=args.save, load=args.load, save_interval=args.save_interval,
+        exit_interval=args.exit_interval, no_save_optim=args.no_save_optim,
+        no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+        no_load_scheduler=args.no_load_scheduler, finetune=args.finetune,
+        load_language_from=args.load_language_from, load_vision_from=args.load_vision_from)

@@ -65,6 +65,7 @@ def enable_cpu_emulation() -> None:
     # DDP's grad sync orders its collectives against the current CUDA stream; CPU work is
     # already in program order, so a stream that never waits is exact.
     torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.synchronize = lambda device=None: None  # the checkpoint writer syncs before copying
 
     # Literal device="cuda" in the schedule (token counter), the optimizers (found-inf and overflow
     # flags, grad-norm and clipping scratch, the pure-torch multi-tensor L2 norm), MimoOptimizer (world-wide flags), the causal-mask
@@ -93,6 +94,8 @@ def enable_cpu_emulation() -> None:
         return tensor_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = cuda_type_name
+    # The distributed optimizer moves its checkpoint gather buffers with .cuda(); stay on the CPU.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     # The bridge hard-codes backend="nccl" for its own groups; gloo is the CPU equivalent.
     from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, collate, rank_layout
 from examples.mimo.model_providers import ENCODER_MODULE, MODEL_PROVIDERS
+from examples.mimo.training.hetero import checkpointing
 from examples.mimo.training.hetero.grad_sync import GradSync
 from examples.mimo.training.hetero.logger import IntervalLogger
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
@@ -41,18 +42,40 @@ def train(rt: Runtime) -> list:
     scheduler = build_scheduler(optimizer, cfg)
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
     configure_schedule(rt, grad_sync)
-    data = data_iterator(rt)
+    ck = cfg.ckpt
+    start, consumed = 0, 0
+    if ck.load:
+        start, consumed = checkpointing.load(rt, optimizer=optimizer, scheduler=scheduler)
+    if start == 0 and (ck.load_language_from or ck.load_vision_from):
+        checkpointing.load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
+                                      vision_from=ck.load_vision_from)
+    data = data_iterator(rt, consumed)
     log = IntervalLogger(enabled=rt.is_logging_rank, interval=cfg.log.log_interval,
                          total_iters=cfg.schedule.train_iters,
                          global_batch=cfg.batch.global_batch_size, seq_length=cfg.batch.seq_length,
                          world_size=dist.get_world_size(), metrics_file=cfg.log.metrics_file)
     results = []
+    iteration = saved = start
+
+    def save() -> None:
+        nonlocal saved
+        checkpointing.save(rt, optimizer=optimizer, scheduler=scheduler, iteration=iteration,
+                           consumed_samples=data.state_dict()["consumed_samples"])
+        saved = iteration
+
     try:
-        for iteration in range(1, cfg.schedule.train_iters + 1):
+        while iteration < cfg.schedule.train_iters:
+            iteration += 1
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
                                 grad_sync=grad_sync, data_iterator=data)
             log.record(iteration, result)
             results.append(result)
+            if ck.save and ck.save_interval and iteration % ck.save_interval == 0:
+                save()
+            if ck.exit_interval and iteration % ck.exit_interval == 0:
+                break
+        if ck.save and saved != iteration:
+            save()
     finally:
         log.close()
     return results
