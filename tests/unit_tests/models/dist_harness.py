@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -26,9 +28,25 @@ def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    proc.elapsed = time.monotonic() - start
+    # Output goes to files and the job runs in its own session: a process left behind by a killed
+    # rank (e.g. a checkpoint writer) can neither hold a pipe open nor outlive the test.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.monotonic()
+        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
+                                 start_new_session=True)
+        try:
+            returncode = popen.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            popen.wait()
+        elapsed = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+    proc.elapsed = elapsed
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import torch as dcp_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from examples.mimo.model_providers import ENCODER_MODULE
 from examples.mimo.training.hetero.runtime import Runtime, branch
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
 # Fields of the saved configuration that may change across a resume (layout and run control).
-RESHARDABLE = {"grid", "batch.micro_batch_size", "ddp", "log", "ckpt", "runtime.device",
+RESHARDABLE = {"grid", "batch.micro_batch_size", "batch.num_microbatches", "ddp", "log", "ckpt", "runtime.device",
                "runtime.distributed_timeout_minutes", "schedule.train_iters"}
 
 
@@ -62,6 +64,18 @@ def _safe_load_bytes(self, read_item, value):
 
 
 dcp_strategy.MCoreLoadPlanner.load_bytes = _safe_load_bytes
+
+
+def read(template: dict, path: str, what: str, **kwargs):
+    """dist_checkpointing.load with its errors turned into one CheckpointError naming the path."""
+    try:
+        return dist_checkpointing.load(template, path, **kwargs)
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        # torch's checkpoint layer wraps per-rank failures as (exception, traceback).
+        failures = getattr(err, "failures", {}) or {}
+        causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        reason = "; ".join(str(c) for c in causes) or str(err)
+        raise CheckpointError(f"cannot load {path} {what}: {reason}") from err
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -151,6 +165,7 @@ def _config_dict(rt: Runtime) -> dict:
 
 def save(rt: Runtime, *, optimizer, scheduler, iteration: int, consumed_samples: int) -> str:
     cfg = rt.cfg.ckpt
+    start = time.perf_counter()
     final = iteration_dir(cfg.save, iteration)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
@@ -177,6 +192,10 @@ def save(rt: Runtime, *, optimizer, scheduler, iteration: int, consumed_samples:
         os.replace(tracker_tmp, os.path.join(cfg.save, TRACKER))
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    if dist.get_rank() == 0:
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(final) for f in fs)
+        print(f"saved {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s",
+              flush=True)
     return final
 
 
@@ -227,6 +246,7 @@ def load(rt: Runtime, *, optimizer, scheduler) -> Tuple[int, int]:
             print(f"no checkpoint in {cfg.load}: starting from iteration 0", flush=True)
         return 0, 0
     iteration, path = found
+    start = time.perf_counter()
     common = dist_checkpointing.load_common_state_dict(path)
     if common.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {common.get('checkpoint_version')!r}, "
@@ -242,12 +262,7 @@ def load(rt: Runtime, *, optimizer, scheduler) -> Tuple[int, int]:
         _prime_optimizer_state(optimizer)
     template = _sharded_state(rt, optimizer, with_optim=with_optim, with_rng=with_rng,
                               is_loading=True)
-    try:
-        state = dist_checkpointing.load(template, path, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"cannot load {path} into this layout: {err}") from err
+    state = read(template, path, "into this layout", strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     rt.model.load_state_dict(state["model"], strict=True)
     # In fp32 the optimizer's main parameters are views of the model's leaf parameters.
     with torch.no_grad():
@@ -266,7 +281,8 @@ def load(rt: Runtime, *, optimizer, scheduler) -> Tuple[int, int]:
             scheduler.load_state_dict(common["scheduler"])
     if dist.get_rank() == 0:
         print(f"loaded {path} (iteration {iteration}"
-              f"{'' if same_layout else ', resharded from another layout'})", flush=True)
+              f"{'' if same_layout else ', resharded from another layout'}) in "
+              f"{time.perf_counter() - start:.2f} s", flush=True)
     return iteration, consumed
 
 
@@ -288,13 +304,8 @@ def load_pretrained(rt: Runtime, *, optimizer, language_from: Optional[str],
             template = module.sharded_state_dict(prefix="", metadata={"dp_cp_group": pgc.dp_cp})
         if not _is_complete(source):
             raise CheckpointError(f"{source} is not a complete dist-checkpoint")
-        try:
-            state, missing, unexpected = dist_checkpointing.load(
-                template, source, strict=StrictHandling.RETURN_ALL)
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"cannot load {source} into the {name} branch: {err}") from err
+        state, missing, unexpected = read(template, source, f"into the {name} branch",
+                                          strict=StrictHandling.RETURN_ALL)
         # dist_checkpointing's words: "unexpected" = the model has it, the checkpoint does not
         # (it would stay randomly initialised); "missing" = the checkpoint has it, no rank asked.
         problems = [f"not in checkpoint: {k}" for k in sorted(unexpected)
