@@ -93,9 +93,12 @@ def _sharded_state(rt: Runtime, optimizer, *, with_optim: bool, with_rng: bool, 
     if with_optim:
         # Reshardable across DP. ("fully_reshardable" cannot be loaded back with torch Adam in 0.19.2:
         # its loader copies into every tensor of the Adam state, "step" included.)
-        state["optimizer"] = optimizer.sharded_state_dict(
+        per_branch = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        # Branches this rank does not run come back as {}; leaving them out keeps the common
+        # state identical on every rank.
+        state["optimizer"] = {name: sd for name, sd in per_branch.items() if sd}
     if with_rng:
         state["rng"] = _rng_object(rt)
     return state
