@@ -8,6 +8,7 @@ py=${HETERO_PYTHON:-$(bash "$root/examples/mimo/scripts/setup_env.sh" | tail -n 
 iters=${ITERS:-50}
 nproc=${NPROC:-2}
 work=${WORK_DIR:-$(mktemp -d)}
+mkdir -p "$work"
 gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$gpus" -ge "$nproc" ]; then device=(--device cuda --bf16); else device=(--device cpu); fi
 run() {
