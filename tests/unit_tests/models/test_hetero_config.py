@@ -122,3 +122,32 @@ def test_wsd_schedule(style, half):
     assert lr_at[16] == pytest.approx(MIN_LR + half * (LR - MIN_LR))
     assert lr_at[20] == pytest.approx(MIN_LR)  # end of each decay style
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("args,world,needles", [
+    (["--save-interval", "5"], 2, ["--save-interval 5 needs --save"]),
+    (["--save", "x", "--save-interval", "0"], 2, ["--save-interval 0 must be >= 1"]),
+    (["--exit-interval", "0"], 2, ["--exit-interval 0 must be >= 1"]),
+    (["--no-save-optim"], 2, ["--no-save-optim needs --save"]),
+    (["--no-load-optim", "--finetune"], 2, ["--no-load-optim, --finetune need --load"]),
+    (["--no-load-rng"], 2, ["--no-load-rng need --load"]),
+    (["--llm-only", "--load-vision-from", "x"], 1, ["--load-vision-from", "--llm-only"]),
+    (["--mock-text-only-fraction", "1.5"], 2, ["--mock-text-only-fraction 1.5"]),
+    (["--vocab-size", "2"], 2, ["--vocab-size 2"]),
+    (["--patch-dim", "5"], 2, ["--patch-dim 5", "--img-h 16"]),
+])
+def test_bad_checkpoint_and_provider_flags(args, world, needles):
+    with pytest.raises(ValueError) as err:
+        cfg(*args, world=world)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_checkpoint_flags_accepted():
+    c = cfg("--save", "s", "--load", "l", "--save-interval", "5", "--exit-interval", "7",
+            "--no-load-optim", "--no-load-rng", "--no-load-scheduler", "--finetune",
+            "--load-language-from", "lm", "--load-vision-from", "vit")
+    k = c.ckpt
+    assert (k.save, k.load, k.save_interval, k.exit_interval) == ("s", "l", 5, 7)
+    assert k.no_load_optim and k.no_load_rng and k.no_load_scheduler and k.finetune
+    assert (k.load_language_from, k.load_vision_from) == ("lm", "vit")
