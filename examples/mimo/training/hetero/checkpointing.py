@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import torch as dcp_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 
 from examples.mimo.model_providers import ENCODER_MODULE
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
 # Fields of the saved configuration that may change across a resume (layout and run control).
-RESHARDABLE = {"grid", "batch.micro_batch_size", "batch.num_microbatches", "ddp", "log", "ckpt", "runtime.device",
-               "runtime.distributed_timeout_minutes", "schedule.train_iters"}
+RESHARDABLE = {"grid", "batch.micro_batch_size", "batch.num_microbatches", "ddp", "log", "ckpt",
+               "runtime.device", "runtime.distributed_timeout_minutes", "schedule.train_iters"}
 
 
 class CheckpointError(RuntimeError):
@@ -56,8 +57,6 @@ def _safe_load_bytes(self, read_item, value):
         raise CheckpointError(f"refusing to unpickle checkpoint object {read_item.dest_index.fqn!r}: "
                               f"it is not plain data ({err})") from err
     if self.flatten_state_dict:
-        from torch.distributed.checkpoint._nested_dict import set_element  # noqa: F401
-
         set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
     else:
         self.state_dict[read_item.dest_index.fqn] = obj
@@ -240,14 +239,14 @@ def _check_compatible(saved: dict, current: dict, prefix: str = "") -> list:
     return diffs
 
 
-def load(rt: Runtime, *, optimizer, scheduler) -> Tuple[int, int]:
-    """Restore from --load; returns (iteration, consumed samples), (0, 0) when starting fresh."""
+def load(rt: Runtime, *, optimizer, scheduler) -> Optional[Tuple[int, int]]:
+    """Restore from --load: (iteration, consumed samples), or None when there is no checkpoint."""
     cfg = rt.cfg.ckpt
     found = find_checkpoint(cfg.load)
     if found is None:
         if dist.get_rank() == 0:
             print(f"no checkpoint in {cfg.load}: starting from iteration 0", flush=True)
-        return 0, 0
+        return None
     iteration, path = found
     start = time.perf_counter()
     common = dist_checkpointing.load_common_state_dict(path)
@@ -270,7 +269,8 @@ def load(rt: Runtime, *, optimizer, scheduler) -> Tuple[int, int]:
     # In fp32 the optimizer's main parameters are views of the model's leaf parameters.
     with torch.no_grad():
         if with_optim:
-            optimizer.load_state_dict(state["optimizer"])
+            # A rank whose branch is frozen has no optimizer state, and an empty section is not stored.
+            optimizer.load_state_dict(state.get("optimizer", {}))
             _restore_adam_steps(optimizer)
         else:
             optimizer.reload_model_params()

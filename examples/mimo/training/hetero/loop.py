@@ -43,12 +43,12 @@ def train(rt: Runtime) -> list:
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
     configure_schedule(rt, grad_sync)
     ck = cfg.ckpt
-    start, consumed = 0, 0
-    if ck.load:
-        start, consumed = checkpointing.load(rt, optimizer=optimizer, scheduler=scheduler)
-    if start == 0 and (ck.load_language_from or ck.load_vision_from):
+    restored = checkpointing.load(rt, optimizer=optimizer, scheduler=scheduler) if ck.load else None
+    # Pretrained branch weights only start a run; a checkpoint of this run takes precedence.
+    if restored is None and (ck.load_language_from or ck.load_vision_from):
         checkpointing.load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
                                       vision_from=ck.load_vision_from)
+    start, consumed = restored or (0, 0)
     data = data_iterator(rt, consumed)
     log = IntervalLogger(enabled=rt.is_logging_rank, interval=cfg.log.log_interval,
                          total_iters=cfg.schedule.train_iters,

@@ -60,6 +60,7 @@ class Topology:
         self.grid_config = grid
         self.rank = dist.get_rank()
         self.grid_map: Dict[str, HyperCommGrid] = {}
+        self._grids: List[HyperCommGrid] = []  # every grid created, also one that failed half way
         self._pgcs: Dict[str, ProcessGroupCollection] = {}
         self._extra_groups: List[dist.ProcessGroup] = []
         self.communicator: Optional[MultiModulePipelineCommunicator] = None
@@ -109,11 +110,9 @@ class Topology:
     def _make_grid(self, *, offset, tp, pp, dp, ep, expt_tp, expt_dp, timeout) -> HyperCommGrid:
         grid = HyperCommGrid([tp, 1, dp, pp], BASE_DIMS, rank_offset=offset)
         grid.register_view(EXPERT_VIEW, [expt_tp, ep, expt_dp, pp], EXPERT_DIMS, shared_dims=["pp"])
-        # Register first so destroy() covers a grid whose group creation fails half way.
-        self.grid_map["_building"] = grid
+        self._grids.append(grid)
         for _, dims, view in _GRID_GROUPS:
             grid.create_pg(dims, view=view, timeout=timeout)
-        del self.grid_map["_building"]
         return grid
 
     def _embedding_groups(self, grid: HyperCommGrid, timeout: timedelta):
@@ -141,10 +140,11 @@ class Topology:
     def destroy(self) -> None:
         BridgeCommunicator.destroy_broadcast_pgs()
         BridgeCommunicator.destroy_bridge_pgs()
-        for grid in self.grid_map.values():
+        for grid in self._grids:
             grid.destroy()
         for pg in self._extra_groups:
             dist.destroy_process_group(pg)
+        self._grids.clear()
         self.grid_map.clear()
         self._pgcs.clear()
         self._extra_groups.clear()
