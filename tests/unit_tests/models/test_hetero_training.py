@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from tests.unit_tests.models.dist_harness import ROOT, read_json_lines, torchrun
+import pytest
+
+from tests.unit_tests.models.dist_harness import ROOT, read_json_lines, torchrun, train
 
 SHORT = ["--device", "cpu", "--global-batch-size", "8", "--seq-length", "32",
          "--distributed-timeout-minutes", "1"]
@@ -60,3 +62,15 @@ def test_launcher_script_trains(tmp_path):
     losses = [r["lm_loss"] for r in read_json_lines(metrics)]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+
+
+@pytest.mark.parametrize("nproc,grid", [
+    (2, ["--llm-only", "--llm-dp", "2"]),  # text-only LLM, no encoder grid
+    (3, ["--llm-pp", "2"]),  # LLM pipeline stages behind the bridge
+])
+def test_other_layouts_train(tmp_path, nproc, grid):
+    rows = train(nproc, tmp_path, ["--global-batch-size", "8", "--seq-length", "32",
+                                   "--train-iters", "10", "--lr", "3e-3", *grid])
+    losses = [r["lm_loss"] for r in rows]
+    assert len(losses) == 10 and not any(r["skipped"] for r in rows)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
