@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds a folder of wheels for GPU nodes without internet (common on SLURM clusters).
 #   bash examples/mimo/scripts/build_wheelhouse.sh OUT_DIR [PYTHON]
-# PYTHON must match the GPU node's interpreter (same minor version) and have torch importable:
-# the mamba-ssm build imports it, and packages the node already has (torch, its CUDA libraries)
-# are left out because pip resolves against this interpreter's installed packages.
-# Produces: binary wheels for every pinned requirement and its missing dependencies, a wheel of
-# the megatron-core sdist, and pure-Python (Triton-kernel) builds of mamba-ssm and causal-conv1d.
+# PYTHON must match the GPU node's interpreter (same minor version) and have the node's torch
+# importable: the mamba-ssm build imports it, and the dependency closure is resolved with torch
+# pinned to that version. torch and its CUDA runtime packages are left out (the node has them);
+# if pip cannot find that torch version, point PIP_EXTRA_INDEX_URL at an index that has it.
+# Produces: wheels for every pinned requirement and its missing dependencies (the megatron-core
+# sdist built into one), and pure-Python (Triton-kernel) builds of mamba-ssm and causal-conv1d.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 out=${1:?usage: build_wheelhouse.sh OUT_DIR [PYTHON]}
@@ -13,21 +14,29 @@ py=${2:-python3}
 mkdir -p "$out"
 "$py" -c 'import torch' || { echo "build_wheelhouse: $py cannot import torch" >&2; exit 2; }
 report=$(mktemp)
-# What the node would still need, resolved against this interpreter's installed packages.
-"$py" -m pip install --dry-run --ignore-requires-python --quiet --report "$report" \
-  -r "$root/requirements.txt" >/dev/null
-"$py" - "$report" "$out" "$py" <<'PY'
-import json, subprocess, sys
-report, out, py = sys.argv[1:]
-for item in json.load(open(report))["install"]:
-    meta = item["metadata"]
-    spec = f"{meta['name']}=={meta['version']}"
-    if item["download_info"]["url"].endswith(".whl"):
-        cmd = [py, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", out, spec]
-    else:  # an sdist (megatron-core): build the wheel with this interpreter
-        cmd = [py, "-m", "pip", "wheel", "--no-deps", "--ignore-requires-python", "-w", out, spec]
-    subprocess.run(cmd, check=True)
+pin=$(mktemp)
+"$py" -c 'import torch; print("torch==" + torch.__version__)' > "$pin"
+# The whole dependency closure, as a fresh node would need it, with the node's torch.
+"$py" -m pip install --dry-run --ignore-installed --ignore-requires-python --quiet \
+  --report "$report" -c "$pin" -r "$root/requirements.txt" >/dev/null
+specs=$("$py" - "$report" <<'PY'
+import json, sys
+items = [i["metadata"] for i in json.load(open(sys.argv[1]))["install"]]
+keep = [m for m in items
+        if m["name"].lower() != "torch" and not m["name"].lower().startswith(("nvidia-", "cuda-"))]
+print(" ".join("{name}=={version}".format(**m) for m in keep))
 PY
+)
+src=$(mktemp -d)
+# Published wheels are kept; an sdist (megatron-core) is built into a wheel by this interpreter.
+# (pip 23's "pip wheel" disregards --ignore-requires-python for index packages; download does not.)
+[ -z "$specs" ] || "$py" -m pip download --no-deps --ignore-requires-python -d "$src" $specs
+for f in "$src"/*; do
+  case "$f" in
+    *.whl) mv "$f" "$out"/ ;;
+    *.tar.gz|*.zip) "$py" -m pip wheel --no-deps --ignore-requires-python -w "$out" "$f" ;;
+  esac
+done
 # Pure-Python builds: their Triton kernels run on the GPU without the CUDA extensions.
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
 CAUSAL_CONV1D_FORCE_BUILD=TRUE "$py" -m pip wheel --no-deps --no-build-isolation -w "$out" \
