@@ -16,7 +16,6 @@ intact. Loading reads every pickled object with torch.load(weights_only=True).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import time
@@ -36,7 +35,6 @@ from examples.mimo.model_providers import ENCODER_MODULE
 from examples.mimo.training.hetero.runtime import Runtime, branch
 from examples.mimo.training.hetero.topology import LANGUAGE
 
-logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
 # Fields of the saved configuration that may change across a resume (layout and run control).
@@ -107,7 +105,7 @@ def _rng_object(rt: Runtime) -> ShardedObject:
     name = rt.topology.module_name
     pgc = rt.topology.module_pgc(name)
     data = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and rt.device.type == "cuda":
+    if rt.device.type == "cuda":
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         data["cuda"] = torch.cuda.get_rng_state()
@@ -253,10 +251,11 @@ def load(rt: Runtime, *, optimizer, scheduler) -> Optional[Tuple[int, int]]:
     if common.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {common.get('checkpoint_version')!r}, "
                               f"expected {CHECKPOINT_VERSION}")
-    diffs = _check_compatible(common["args"], _config_dict(rt))
+    current = _config_dict(rt)
+    diffs = _check_compatible(common["args"], current)
     if diffs:
         raise CheckpointError(f"{path} was written by an incompatible run:\n  " + "\n  ".join(diffs))
-    same_layout = common["args"]["grid"] == dataclasses.asdict(rt.cfg.grid)
+    same_layout = common["args"]["grid"] == current["grid"]
     with_optim = not (cfg.no_load_optim or cfg.finetune)
     # RNG state is per rank position; it only means something on the layout that wrote it.
     with_rng = not (cfg.no_load_rng or cfg.finetune) and same_layout
@@ -314,9 +313,10 @@ def load_pretrained(rt: Runtime, *, optimizer, language_from: Optional[str],
         problems = [f"not in checkpoint: {k}" for k in sorted(unexpected)
                     if not k.endswith("_extra_state")]
         problems += [f"not in model: {k}" for k in sorted(missing) if not k.endswith("_extra_state")]
+        # Counted over all ranks, so every rank raises together.
         flags = torch.tensor([len(problems)], device=rt.device)
         dist.all_reduce(flags)
-        if problems or flags.item():
+        if flags.item():
             raise CheckpointError(f"{source} does not match the {name} branch: {problems[:20]}")
         if module is not None:
             module.load_state_dict(state, strict=True)

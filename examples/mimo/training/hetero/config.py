@@ -405,7 +405,8 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         raise ValueError(f"--save-interval {args.save_interval} needs --save")
     if args.no_save_optim and args.save is None:
         raise ValueError("--no-save-optim needs --save")
-    load_flags = [f for f, v in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng),
+    load_flags = [f for f, v in (("--no-load-optim", args.no_load_optim),
+                                 ("--no-load-rng", args.no_load_rng),
                                  ("--no-load-scheduler", args.no_load_scheduler),
                                  ("--finetune", args.finetune)) if v]
     if load_flags and args.load is None:
