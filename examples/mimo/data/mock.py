@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -20,21 +21,36 @@ NAME = "mock"
 @dataclass(frozen=True)
 class MockDataConfig:
     text_only_fraction: float
+    text_vocab: Optional[int]  # text ids drawn from 1..text_vocab; None: the whole vocabulary
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mock data provider")
     g.add_argument("--mock-text-only-fraction", type=float, default=0.25,
                    help="Share of samples with no image.")
+    g.add_argument("--mock-text-vocab", type=int, default=None,
+                   help="Draw text from the first N token ids (default: the model's whole "
+                        "vocabulary). A short smoke run of a 131k-vocabulary model cannot learn "
+                        "progressions over every id; over a few thousand it can.")
 
 
 def config_from_args(args: argparse.Namespace) -> MockDataConfig:
     if not 0.0 <= args.mock_text_only_fraction <= 1.0:
         raise ValueError(f"--mock-text-only-fraction {args.mock_text_only_fraction} must be in [0, 1]")
-    return MockDataConfig(text_only_fraction=args.mock_text_only_fraction)
+    if args.mock_text_vocab is not None and args.mock_text_vocab < 2:
+        raise ValueError(f"--mock-text-vocab {args.mock_text_vocab} must be >= 2")
+    return MockDataConfig(text_only_fraction=args.mock_text_only_fraction,
+                          text_vocab=args.mock_text_vocab)
 
 
 def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool) -> None:
+    if cfg.text_vocab is not None and cfg.text_vocab > spec.vocab_size - 2:
+        raise ValueError(f"--mock-text-vocab {cfg.text_vocab} must be <= vocabulary size "
+                         f"{spec.vocab_size} - 2 (0 is unused, one id marks images)")
+    text_vocab = cfg.text_vocab or spec.vocab_size - 2
+    if 1 <= spec.image_token_id <= text_vocab:
+        raise ValueError(f"image token id {spec.image_token_id} lies among the mock text ids "
+                         f"1..{text_vocab}; pick an id above them (or lower --mock-text-vocab)")
     if seq_length < spec.image_tokens + 2:
         raise ValueError(f"--seq-length {seq_length} must be >= image tokens {spec.image_tokens} + 2")
     if fan_in and cfg.text_only_fraction > 0:
@@ -50,7 +66,8 @@ def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: 
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     has_image = with_images and torch.rand((), generator=g).item() >= cfg.text_only_fraction
     n_image = spec.image_tokens if has_image else 0
-    text_vocab = spec.vocab_size - 2  # ids 1 .. vocab-2; 0 is unused, vocab-1 marks images
+    # ids 1 .. vocab-2 (or 1 .. --mock-text-vocab); 0 is unused, one id marks images
+    text_vocab = cfg.text_vocab or spec.vocab_size - 2
     start = int(torch.randint(text_vocab, (), generator=g))
     stride = int(torch.randint(1, 5, (), generator=g))
     text = 1 + (start + stride * torch.arange(seq_length + 1 - n_image)) % text_vocab

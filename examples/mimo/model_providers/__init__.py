@@ -18,6 +18,8 @@ class ModelFacts:
     llm_num_query_groups: int
     encoder_num_heads: int
     num_experts: int  # 0 for a dense LLM
+    llm_moe_layers: int  # layers whose MLP is a MoE; 0 for a dense LLM
+    moe_aux_losses: Tuple[str, ...] = ()  # names megatron's MoE metrics tracker records them by
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,6 @@ class DataSpec:
     image_shape: Tuple[int, int, int]  # C, H, W
 
 
-from examples.mimo.model_providers import mock  # noqa: E402
+from examples.mimo.model_providers import mock, nemotron_moe_vlm  # noqa: E402
 
-MODEL_PROVIDERS: Dict[str, object] = {mock.NAME: mock}
+MODEL_PROVIDERS: Dict[str, object] = {p.NAME: p for p in (mock, nemotron_moe_vlm)}

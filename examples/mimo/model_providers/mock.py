@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from examples.mimo.model_providers import ENCODER_MODULE, DataSpec, ModelFacts
+from examples.mimo.model_providers import DataSpec, ModelFacts, common
+from examples.mimo.model_providers.common import base_config_kwargs
 
 NAME = "mock"
 VIT_ENCODER = "vit"
@@ -93,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> MockModelConfig:
 def facts(cfg: MockModelConfig) -> ModelFacts:
     return ModelFacts(llm_num_layers=cfg.num_layers, llm_num_heads=cfg.num_attention_heads,
                       llm_num_query_groups=cfg.num_attention_heads,
-                      encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0)
+                      encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0,
+                      llm_moe_layers=0)
 
 
 def data_spec(cfg: MockModelConfig) -> DataSpec:
@@ -104,24 +104,7 @@ def data_spec(cfg: MockModelConfig) -> DataSpec:
 def _transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        # Full weights are drawn on the CPU and then split, so the initial model does not
-        # depend on the TP layout: the layout-parity tests rely on this.
-        use_cpu_initialization=True,
-        # Activations cross the bridge with their shapes, so lengths may vary per step; megatron
-        # then requires the alltoall MoE dispatcher even for dense models.
-        variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",
-        calculate_per_token_loss=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        **kwargs,
-    )
+    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
 
 
 class MockViT(torch.nn.Module):
@@ -193,42 +176,18 @@ def language_spec(cfg: MockModelConfig, *, pg_collection, tp: int, pp: int, dtyp
 
 
 def module_config(module) -> object:
-    """The TransformerConfig that DDP should use for a built branch."""
-    encoders = getattr(module, "encoders", None)
-    return encoders[VIT_ENCODER].config if encoders is not None else module.config
+    return common.module_config(module, VIT_ENCODER)
 
 
-def build(cfg: MockModelConfig, *, topology, dtype: torch.dtype, seq_length: int):
+def build(cfg: MockModelConfig, *, topology, dtype: torch.dtype, seq_length: int,
+          device: torch.device):
     """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
-    from megatron.core.models.mimo.config.base_configs import MimoModelConfig
-    from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
-    from megatron.core.models.mimo.model.base import MimoModel
-
-    # Every rank describes both branches (MimoModelConfig checks the keys), but builds only its
-    # own; the other branch's spec carries no process groups and is never instantiated.
     grid = topology.grid_config
-    lm = language_spec(cfg, pg_collection=topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY),
-                       tp=grid.llm_tp, pp=grid.llm_pp, dtype=dtype, seq_length=seq_length)
-    modalities, special = {}, {}
-    if not grid.llm_only:
-        modalities[ENCODER_MODULE] = encoder_spec(
-            cfg, pg_collection=topology.module_pgc(ENCODER_MODULE), tp=grid.encoder_tp, dtype=dtype)
-        special[ENCODER_MODULE] = cfg.image_token_id
-    model = MimoModel(MimoModelConfig(language_model_spec=lm, modality_submodules_spec=modalities,
-                                      special_token_ids=special,
-                                      module_to_grid_map=topology.grid_map))
-    freeze(model, cfg)
+    model = common.assemble(
+        topology=topology, image_token_id=cfg.image_token_id,
+        language_spec=lambda pgc: language_spec(cfg, pg_collection=pgc, tp=grid.llm_tp,
+                                                pp=grid.llm_pp, dtype=dtype, seq_length=seq_length),
+        encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
+                                              dtype=dtype))
+    common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)
     return model
-
-
-def freeze(model, cfg: MockModelConfig) -> None:
-    if model.language_model is not None and cfg.freeze_lm:
-        model.language_model.requires_grad_(False)
-    vision: Optional[torch.nn.Module] = model.modality_submodules[ENCODER_MODULE] \
-        if ENCODER_MODULE in model.modality_submodules else None
-    if vision is not None:
-        if cfg.freeze_vit:
-            vision.encoders.requires_grad_(False)
-        if cfg.freeze_projection:
-            vision.input_projections.requires_grad_(False)
-

@@ -40,7 +40,7 @@ def test_some_encoder_microbatch_is_text_only():
     """The parity runs below include an encoder rank whose micro-batch carries no image at all."""
     spec = mock_model.data_spec(mock_model.MockModelConfig(
         64, 2, 4, 256, 32, 2, 4, 16, 16, 4, False, False, False))
-    cfg = mock_data.MockDataConfig(text_only_fraction=0.5)
+    cfg = mock_data.MockDataConfig(text_only_fraction=0.5, text_vocab=None)
     empty = 0
     for dp_rank in (0, 1):
         layout = rank_layout(role=ENCODER, dp_rank=dp_rank, micro_batch_size=2, llm_dp=2,

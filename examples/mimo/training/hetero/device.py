@@ -65,6 +65,9 @@ def enable_cpu_emulation() -> None:
     # DDP's grad sync orders its collectives against the current CUDA stream; CPU work is
     # already in program order, so a stream that never waits is exact.
     torch.cuda.current_stream = lambda device=None: _NullStream()
+    # The MoE alltoall dispatcher copies routing counts to the host on a side stream.
+    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda device=None: None  # the checkpoint writer syncs before copying
 
     # Literal device="cuda" in the schedule (token counter), the optimizers (found-inf and overflow
@@ -136,6 +139,17 @@ class _NullStream:
         pass
 
     def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_NullEvent":
+        return _NullEvent()
+
+
+class _NullEvent:
+    def synchronize(self) -> None:
         pass
 
 

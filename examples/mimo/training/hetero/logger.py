@@ -6,6 +6,8 @@ import json
 import time
 from typing import Optional
 
+import torch
+
 from examples.mimo.training.hetero.step import StepResult
 
 
@@ -32,7 +34,7 @@ class IntervalLogger:
             self._metrics.write(json.dumps({
                 "iteration": iteration, "lm_loss": result.lm_loss, "grad_norm": result.grad_norm,
                 "learning_rate": result.learning_rate, "skipped": result.skipped,
-                "loss_tokens": result.loss_tokens,
+                "loss_tokens": result.loss_tokens, **result.moe_losses,
                 "consumed_samples": iteration * self.global_batch}) + "\n")
             self._metrics.flush()
         if iteration % self.interval and iteration != self.total_iters:
@@ -41,12 +43,13 @@ class IntervalLogger:
         ms = 1000.0 * (now - self._t0) / self._iters_in_interval
         self._t0, self._iters_in_interval = now, 0
         grad_norm = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
+        moe = "".join(f" {name}: {value:.6E} |" for name, value in result.moe_losses.items())
         print(f" iteration {iteration:8d}/{self.total_iters:8d} |"
               f" consumed samples: {iteration * self.global_batch:12d} |"
               f" elapsed time per iteration (ms): {ms:.1f} |"
               f" learning rate: {result.learning_rate:.6E} |"
               f" global batch size: {self.global_batch:5d} |"
-              f" lm loss: {result.lm_loss:.6E} |"
+              f" lm loss: {result.lm_loss:.6E} |{moe}"
               f" grad norm: {grad_norm} |"
               f" number of skipped iterations: {self.skipped:3d} |"
               f" tokens/s/GPU: {self.tokens_per_iter / self.world_size / (ms / 1000.0):.1f}",
@@ -55,3 +58,13 @@ class IntervalLogger:
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
+
+
+def report_peak_memory(*, rank: int, module: str, device: torch.device) -> None:
+    """Every rank's own line: the two grids hold different models, so their peaks differ."""
+    if device.type != "cuda":
+        return
+    gib = 1024 ** 3
+    print(f"[rank {rank}] {module} peak memory (GiB): allocated "
+          f"{torch.cuda.max_memory_allocated(device) / gib:.2f}, reserved "
+          f"{torch.cuda.max_memory_reserved(device) / gib:.2f}", flush=True)

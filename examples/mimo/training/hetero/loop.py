@@ -11,7 +11,7 @@ from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, collate, rank_l
 from examples.mimo.model_providers import ENCODER_MODULE, MODEL_PROVIDERS
 from examples.mimo.training.hetero import checkpointing
 from examples.mimo.training.hetero.grad_sync import GradSync
-from examples.mimo.training.hetero.logger import IntervalLogger
+from examples.mimo.training.hetero.logger import IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.step import configure_schedule, train_step
@@ -78,4 +78,5 @@ def train(rt: Runtime) -> list:
             save()
     finally:
         log.close()
+    report_peak_memory(rank=dist.get_rank(), module=rt.topology.module_name, device=rt.device)
     return results

@@ -58,7 +58,8 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
              etp_rank=own.expt_tp.rank())
     provider = MODEL_PROVIDERS[cfg.model_provider]
-    model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length)
+    model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length,
+                           device=device)
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
     # Megatron's Float16Module does.
     model.to(device=device, dtype=dtype)

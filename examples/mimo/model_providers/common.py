@@ -1,0 +1,72 @@
+"""What every provider does the same way: base TransformerConfig settings, assembling the
+non-colocated MimoModel from two branch specs, and freezing branches."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from examples.mimo.model_providers import ENCODER_MODULE
+
+
+def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
+    """TransformerConfig settings the hetero loop relies on, whatever the model."""
+    return dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Full weights are drawn on the CPU and then split, so the initial model does not
+        # depend on the TP layout: the layout-parity tests rely on this.
+        use_cpu_initialization=True,
+        # Activations cross the bridge with their shapes, so lengths may vary per step; megatron
+        # then requires the alltoall MoE dispatcher even for dense models.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        # The loop sums the loss over tokens and divides gradients by the global token count.
+        calculate_per_token_loss=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def assemble(*, topology, language_spec: Callable[[object], object],
+             encoder_spec: Callable[[object], object], image_token_id: int):
+    """This rank's part of the non-colocated MimoModel (unwrapped, unfrozen).
+
+    Every rank describes both branches (MimoModelConfig checks the keys) but builds only its own;
+    the other branch's spec carries no process groups and is never instantiated. The two
+    callables take the branch's ProcessGroupCollection (None off that branch).
+    """
+    from megatron.core.models.mimo.config.base_configs import MimoModelConfig
+    from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
+    from megatron.core.models.mimo.model.base import MimoModel
+
+    lm = language_spec(topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY))
+    modalities, special = {}, {}
+    if not topology.grid_config.llm_only:
+        modalities[ENCODER_MODULE] = encoder_spec(topology.module_pgc(ENCODER_MODULE))
+        special[ENCODER_MODULE] = image_token_id
+    return MimoModel(MimoModelConfig(language_model_spec=lm, modality_submodules_spec=modalities,
+                                     special_token_ids=special,
+                                     module_to_grid_map=topology.grid_map))
+
+
+def freeze(model, *, lm: bool, vit: bool, projection: bool) -> None:
+    if model.language_model is not None and lm:
+        model.language_model.requires_grad_(False)
+    vision: Optional[torch.nn.Module] = model.modality_submodules[ENCODER_MODULE] \
+        if ENCODER_MODULE in model.modality_submodules else None
+    if vision is not None:
+        if vit:
+            vision.encoders.requires_grad_(False)
+        if projection:
+            vision.input_projections.requires_grad_(False)
+
+
+def module_config(module, encoder_name: str):
+    """The TransformerConfig that DDP should use for a built branch."""
+    encoders = getattr(module, "encoders", None)
+    return encoders[encoder_name].config if encoders is not None else module.config

@@ -1,0 +1,316 @@
+"""Nemotron MoE VLM: RADIO ViT + pixel shuffle + projector, and a hybrid Mamba/attention/MoE LLM.
+
+Architectures are data (``PRESETS``); every size field is also a flag that overrides the preset,
+so a shape can be kept (layer pattern, heads) while its width or expert count shrinks to fit a
+small machine. LLM widths follow the public Nemotron 3 Nano configuration (hidden 2688, 32 heads
+of 128, Mamba-2 64x64 heads with 8 groups and state 128, 128 routed experts of 1856 with top-6
+sigmoid routing and a 3712 shared expert, squared ReLU, RMSNorm, no position embedding, untied
+embeddings, vocabulary 131072); the vision side follows megatron-core's "radio" ViT-H/16 shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields, replace
+from typing import Dict
+
+import torch
+
+from examples.mimo.model_providers import DataSpec, ModelFacts, common, specs
+
+specs.enable_triton_mamba()  # before megatron.core.ssm is imported anywhere
+
+NAME = "nemotron_moe_vlm"
+VIT_ENCODER = "radio"
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+PROJECTION_TYPES = ("mlp", "affine")
+TRAINING_STAGES = ("full", "projector-only")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hybrid_layer_pattern: str
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int  # dense MLP layers ("-")
+    num_experts: int
+    moe_ffn_hidden_size: int
+    moe_shared_expert_intermediate_size: int
+    moe_router_topk: int
+    mamba_num_heads: int
+    mamba_head_dim: int
+    mamba_state_dim: int
+    mamba_num_groups: int
+    vocab_size: int
+    vision_num_layers: int
+    vision_hidden_size: int
+    vision_ffn_hidden_size: int
+    vision_num_attention_heads: int
+    img_h: int
+    img_w: int
+    patch_dim: int
+    class_token_len: int
+    max_img_size: int  # RADIO's position-embedding table covers max_img_size^2 pixels
+    vision_projection_ffn_hidden_size: int
+
+
+_TINY = Architecture(
+    hybrid_layer_pattern="ME*E", hidden_size=64, num_attention_heads=4, num_query_groups=2,
+    kv_channels=16, ffn_hidden_size=128, num_experts=4, moe_ffn_hidden_size=64,
+    moe_shared_expert_intermediate_size=128, moe_router_topk=2, mamba_num_heads=8,
+    mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=2, vocab_size=256,
+    vision_num_layers=2, vision_hidden_size=32, vision_ffn_hidden_size=64,
+    vision_num_attention_heads=4, img_h=32, img_w=32, patch_dim=8, class_token_len=2,
+    max_img_size=64, vision_projection_ffn_hidden_size=128)
+
+_NEMOTRON = dict(
+    hidden_size=2688, num_attention_heads=32, kv_channels=128, ffn_hidden_size=1856,
+    num_experts=128, moe_ffn_hidden_size=1856, moe_shared_expert_intermediate_size=3712,
+    moe_router_topk=6, mamba_num_heads=64, mamba_head_dim=64, mamba_state_dim=128,
+    mamba_num_groups=8, vocab_size=131072, vision_num_layers=32, vision_hidden_size=1280,
+    vision_ffn_hidden_size=5120, vision_num_attention_heads=16, img_h=512, img_w=512,
+    patch_dim=16, class_token_len=10, max_img_size=2048, vision_projection_ffn_hidden_size=20480)
+
+PRESETS: Dict[str, Architecture] = {
+    "tiny": _TINY,
+    # Mamba needs mamba-ssm's GPU Triton kernels; this variant runs anywhere, CPU included.
+    "tiny-cpu": replace(_TINY, hybrid_layer_pattern="*E*E"),
+    # 10 MoE layers, each after a Mamba or (2 of them) an attention mixer.
+    "nemotron-20l": Architecture(hybrid_layer_pattern="MEME*EMEMEME*EMEMEME", num_query_groups=2,
+                                 **_NEMOTRON),
+    # 27 MoE layers, each after a Mamba or (6 of them) an attention mixer.
+    "nemotron-54l": Architecture(
+        hybrid_layer_pattern="MEMEME*EMEMEME*EMEMEME*EMEMEME*EMEMEME*EMEMEME*EMEMEME",
+        num_query_groups=8, **_NEMOTRON),
+}
+
+
+@dataclass(frozen=True)
+class NemotronVLMConfig:
+    preset: str
+    arch: Architecture
+    transformer_impl: str
+    vision_projection_type: str
+    moe_aux_loss_coeff: float
+    image_token_id: int
+    dynamic_resolution: bool
+    freeze_lm: bool
+    freeze_vit: bool
+    freeze_projection: bool
+
+    @property
+    def image_tokens(self) -> int:
+        a = self.arch
+        return (a.img_h // a.patch_dim // 2) * (a.img_w // a.patch_dim // 2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Nemotron MoE VLM provider")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny-cpu",
+                   help="Architecture; the size flags below override single fields of it.")
+    g.add_argument("--transformer-impl", choices=specs.TRANSFORMER_IMPLS, default=None,
+                   help="Default: transformer_engine when importable, else local.")
+    g.add_argument("--vision-projection-type", choices=PROJECTION_TYPES, default="mlp")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-4,
+                   help="Weight of the sequence-level load-balancing loss.")
+    g.add_argument("--image-token-id", type=int, default=None,
+                   help="Placeholder token id of image positions (default: vocabulary size - 1).")
+    g.add_argument("--dynamic-resolution", action="store_true",
+                   help="RADIO takes packed patches of images of any size (imgs_sizes).")
+    g.add_argument("--training-stage", choices=TRAINING_STAGES, default="full",
+                   help="projector-only freezes the ViT and the language model.")
+    g.add_argument("--freeze-lm", action="store_true", help="Freeze the language model.")
+    g.add_argument("--freeze-vit", action="store_true", help="Freeze the vision encoder.")
+    g.add_argument("--freeze-projection", action="store_true", help="Freeze the vision projector.")
+    sizes = parser.add_argument_group("Nemotron MoE VLM sizes (default: the preset's)")
+    for f in fields(Architecture):
+        sizes.add_argument(_flag(f.name), type=str if f.type == "str" else int, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(Architecture)
+                 if getattr(args, f.name) is not None}
+    arch = replace(PRESETS[args.model_preset], **overrides)
+    validate_architecture(arch)
+    impl = args.transformer_impl or ("transformer_engine" if specs.te_available() else "local")
+    specs.check_transformer_impl(impl)
+    image_token_id = arch.vocab_size - 1 if args.image_token_id is None else args.image_token_id
+    if not 0 <= image_token_id < arch.vocab_size:
+        raise ValueError(f"--image-token-id {image_token_id} must be in [0, --vocab-size "
+                         f"{arch.vocab_size})")
+    if args.moe_aux_loss_coeff < 0:
+        raise ValueError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
+    if args.training_stage == "projector-only" and args.freeze_projection:
+        raise ValueError("--training-stage projector-only trains only the projector; "
+                         "--freeze-projection would leave nothing to train")
+    projector_only = args.training_stage == "projector-only"
+    return NemotronVLMConfig(
+        preset=args.model_preset, arch=arch, transformer_impl=impl,
+        vision_projection_type=args.vision_projection_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, image_token_id=image_token_id,
+        dynamic_resolution=args.dynamic_resolution, freeze_lm=args.freeze_lm or projector_only,
+        freeze_vit=args.freeze_vit or projector_only, freeze_projection=args.freeze_projection)
+
+
+def validate_architecture(a: Architecture) -> None:
+    for f in fields(Architecture):
+        value = getattr(a, f.name)
+        if f.name != "hybrid_layer_pattern" and value < 1:
+            raise ValueError(f"{_flag(f.name)} {value} must be >= 1")
+    unknown = sorted(set(a.hybrid_layer_pattern) - set(LAYER_SYMBOLS))
+    if not a.hybrid_layer_pattern or unknown:
+        raise ValueError(f"--hybrid-layer-pattern {a.hybrid_layer_pattern!r}: layers are one of "
+                         f"{LAYER_SYMBOLS} (found {unknown or 'no layers'})")
+    if a.num_attention_heads % a.num_query_groups:
+        raise ValueError(f"--num-query-groups {a.num_query_groups} must divide "
+                         f"--num-attention-heads {a.num_attention_heads}")
+    if a.mamba_num_heads % a.mamba_num_groups:
+        raise ValueError(f"--mamba-num-groups {a.mamba_num_groups} must divide "
+                         f"--mamba-num-heads {a.mamba_num_heads}")
+    if a.moe_router_topk > a.num_experts:
+        raise ValueError(f"--moe-router-topk {a.moe_router_topk} must be <= --num-experts "
+                         f"{a.num_experts}")
+    if a.vision_hidden_size % a.vision_num_attention_heads:
+        raise ValueError(f"--vision-num-attention-heads {a.vision_num_attention_heads} must divide "
+                         f"--vision-hidden-size {a.vision_hidden_size}")
+    # Pixel shuffle merges 2x2 patches, so each side must hold an even number of patches.
+    for flag, side in (("--img-h", a.img_h), ("--img-w", a.img_w)):
+        if side % (2 * a.patch_dim):
+            raise ValueError(f"{flag} {side} must be a multiple of 2 x --patch-dim {a.patch_dim}")
+        if side > a.max_img_size:
+            raise ValueError(f"{flag} {side} must be <= --max-img-size {a.max_img_size}")
+    if a.max_img_size % a.patch_dim:
+        raise ValueError(f"--max-img-size {a.max_img_size} must be a multiple of --patch-dim "
+                         f"{a.patch_dim}")
+
+
+def facts(cfg: NemotronVLMConfig) -> ModelFacts:
+    a = cfg.arch
+    moe_layers = a.hybrid_layer_pattern.count("E")
+    return ModelFacts(llm_num_layers=len(a.hybrid_layer_pattern),
+                      llm_num_heads=a.num_attention_heads, llm_num_query_groups=a.num_query_groups,
+                      encoder_num_heads=a.vision_num_attention_heads,
+                      num_experts=a.num_experts if moe_layers else 0, llm_moe_layers=moe_layers,
+                      moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else ())
+
+
+def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
+    a = cfg.arch
+    return DataSpec(vocab_size=a.vocab_size, image_token_id=cfg.image_token_id,
+                    image_tokens=cfg.image_tokens, image_shape=(3, a.img_h, a.img_w))
+
+
+def _config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**common.base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
+
+
+def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,
+                    dtype: torch.dtype):
+    from megatron.core.activations import squared_relu
+
+    a = cfg.arch
+    return _config(
+        tp=tp, pp=pp, dtype=dtype, num_layers=len(a.hybrid_layer_pattern),
+        hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
+        ffn_hidden_size=a.ffn_hidden_size, normalization="RMSNorm", add_bias_linear=False,
+        activation_func=squared_relu, gated_linear_unit=False, init_method_std=0.0173,
+        mamba_num_heads=a.mamba_num_heads, mamba_head_dim=a.mamba_head_dim,
+        mamba_state_dim=a.mamba_state_dim, mamba_num_groups=a.mamba_num_groups,
+        # The memory-efficient path needs the causal-conv1d CUDA extension.
+        use_mamba_mem_eff_path=False,
+        num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
+        moe_router_topk=a.moe_router_topk, moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=2.5, moe_router_enable_expert_bias=True,
+        moe_router_dtype="fp32", moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=False,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=expt_tp)
+
+
+def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep: int,
+                  expt_tp: int, dtype: torch.dtype, seq_length: int):
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
+    return ModuleSpec(module=HybridModel, params=dict(
+        config=language_config(cfg, tp=tp, pp=pp, ep=ep, expt_tp=expt_tp, dtype=dtype),
+        hybrid_stack_spec=specs.hybrid_stack_spec(cfg.transformer_impl,
+                                                  num_experts=cfg.arch.num_experts),
+        vocab_size=cfg.arch.vocab_size, max_sequence_length=seq_length,
+        hybrid_layer_pattern=cfg.arch.hybrid_layer_pattern, pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1, share_embeddings_and_output_weights=False,
+        position_embedding_type="none", pg_collection=pg_collection))
+
+
+def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch.dtype):
+    from megatron.core.activations import squared_relu
+    from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from examples.mimo.model_providers.radio_encoder import RadioEncoder
+
+    a = cfg.arch
+    vit_config = _config(
+        tp=tp, pp=1, dtype=dtype, num_layers=a.vision_num_layers,
+        hidden_size=a.vision_hidden_size, ffn_hidden_size=a.vision_ffn_hidden_size,
+        num_attention_heads=a.vision_num_attention_heads, add_bias_linear=True, add_qkv_bias=True,
+        activation_func=torch.nn.functional.gelu, gated_linear_unit=False,
+        normalization="LayerNorm", layernorm_epsilon=1e-6, bias_activation_fusion=False,
+        bias_dropout_fusion=False, attention_softmax_in_fp32=True)
+    projector_config = _config(
+        tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=a.hidden_size,
+        ffn_hidden_size=a.vision_projection_ffn_hidden_size, num_attention_heads=1,
+        add_bias_linear=False, activation_func=squared_relu, gated_linear_unit=False)
+    column, row = specs.projector_linears(cfg.transformer_impl)
+    radio = ModuleSpec(module=RadioEncoder, params=dict(
+        config=vit_config, layer_spec=specs.vit_layer_spec(cfg.transformer_impl),
+        ln_post_impl=specs.norm_class(cfg.transformer_impl), img_h=a.img_h, img_w=a.img_w,
+        patch_dim=a.patch_dim, class_token_len=a.class_token_len, max_img_size=a.max_img_size,
+        dynamic_resolution=cfg.dynamic_resolution, pg_collection=pg_collection))
+    projector = ModuleSpec(module=MultimodalProjector, params=dict(
+        config=projector_config,
+        submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row),
+        projector_type=cfg.vision_projection_type, input_size=4 * a.vision_hidden_size,
+        tp_group=pg_collection.tp if pg_collection is not None else None))
+    return ModuleSpec(module=VisionModalitySubmodules, params={"pg_collection": pg_collection},
+                      submodules={"encoders": {VIT_ENCODER: radio}, "input_projections": [projector]})
+
+
+def module_config(module) -> object:
+    return common.module_config(module, VIT_ENCODER)
+
+
+def build(cfg: NemotronVLMConfig, *, topology, dtype: torch.dtype, seq_length: int,
+          device: torch.device):
+    """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
+    # Checked on every rank, so all of them stop with the same error.
+    if "M" in cfg.arch.hybrid_layer_pattern:
+        if device.type != "cuda":
+            raise ValueError(f"--model-preset {cfg.preset}: Mamba layers (M in "
+                             f"{cfg.arch.hybrid_layer_pattern!r}) run mamba-ssm Triton kernels, "
+                             f"which need CUDA; use an attention/MoE pattern such as tiny-cpu's")
+        if not specs.mamba_available():
+            raise ValueError("Mamba layers need mamba-ssm (its Triton kernels); install it with "
+                             "examples/mimo/scripts/setup_env.sh or the wheelhouse")
+    grid = topology.grid_config
+    model = common.assemble(
+        topology=topology, image_token_id=cfg.image_token_id,
+        language_spec=lambda pgc: language_spec(
+            cfg, pg_collection=pgc, tp=grid.llm_tp, pp=grid.llm_pp, ep=grid.llm_ep,
+            expt_tp=grid.llm_expt_tp, dtype=dtype, seq_length=seq_length),
+        encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
+                                              dtype=dtype))
+    common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)
+    return model

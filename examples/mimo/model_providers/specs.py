@@ -1,0 +1,185 @@
+"""Layer specs for the Nemotron VLM on either backend (``--transformer-impl``).
+
+megatron-core 0.19.2 ships the hybrid (Mamba/attention/MoE) stack spec for transformer-engine only,
+and its ``HybridStack`` builds the final norm with ``TENorm`` whatever the spec says. The local
+specs here use megatron-core's own non-TE modules, and ``LocalHybridStack`` swaps the final norm.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+
+import torch
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_transformer_impl(impl: str) -> None:
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer-impl {impl!r} is unknown; known: {list(TRANSFORMER_IMPLS)}")
+    if impl == "transformer_engine" and not te_available():
+        raise ValueError("--transformer-impl transformer_engine needs transformer_engine, which is "
+                         "not importable here; use --transformer-impl local")
+
+
+def enable_triton_mamba() -> None:
+    """Let megatron-core use mamba-ssm's Triton kernels from a build without CUDA extensions.
+
+    ``mamba_ssm/__init__.py`` imports ``selective_scan_cuda`` (a compiled extension) before anything
+    else, so a pure-Python build fails on ``import mamba_ssm.ops.triton...`` and megatron-core then
+    reports Mamba as unavailable. Registering the package without running its ``__init__`` leaves
+    the Triton submodules importable. Must run before megatron.core.ssm is first imported.
+    """
+    if "mamba_ssm" in sys.modules:
+        return
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or spec.submodule_search_locations is None:
+        return
+    package = types.ModuleType("mamba_ssm")
+    package.__spec__ = spec
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = package
+
+
+def mamba_available() -> bool:
+    enable_triton_mamba()
+    from megatron.core.ssm import mamba_mixer
+
+    return bool(mamba_mixer.HAVE_MAMBA_SSM)
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def _packed_local_attention():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class PackedLocalAttention(DotProductAttention):
+        """Local attention that also takes packed (THD) sequences, as a block-diagonal mask.
+
+        Dynamic-resolution RADIO packs every image of a batch into one sequence; TE attends within
+        each image by ``cu_seqlens``, and this does the same with a mask over the packed sequence.
+        """
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                       attention_bias)
+            # Attention hands THD tensors over as [t, heads, dim]; the local kernel wants sbhd.
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            bounds = packed_seq_params.cu_seqlens_q.to(query.device)
+            segment = torch.bucketize(torch.arange(query.size(0), device=query.device),
+                                      bounds[1:], right=True)
+            mask = (segment[:, None] != segment[None, :])[None, None]  # True = not attended
+            return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
+
+    return PackedLocalAttention
+
+
+def vit_layer_spec(impl: str):
+    from megatron.core.models.vision.vit_layer_specs import (
+        get_vit_layer_with_local_spec,
+        get_vit_layer_with_transformer_engine_spec,
+    )
+
+    if impl == "transformer_engine":
+        return get_vit_layer_with_transformer_engine_spec()
+    spec = get_vit_layer_with_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = _packed_local_attention()
+    return spec
+
+
+def norm_class(impl: str):
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def projector_linears(impl: str):
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return TEColumnParallelLinear, TERowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear
+
+
+def hybrid_stack_spec(impl: str, *, num_experts: int):
+    if impl == "transformer_engine":
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
+
+        return te_spec
+    return _local_hybrid_stack_spec(num_experts)
+
+
+def _local_hybrid_stack_spec(num_experts: int):
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    # TE fuses each pre-norm into the following linear; locally the norm is its own module.
+    mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+        norm=WrappedTorchNorm,
+        mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+        mamba_bda=get_bias_dropout_add))
+    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=WrappedTorchNorm,
+        self_attention=ModuleSpec(
+            module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                               core_attention=DotProductAttention,
+                                               linear_proj=RowParallelLinear)),
+        self_attn_bda=get_bias_dropout_add))
+    moe = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=WrappedTorchNorm,
+        mlp=get_moe_module_spec(use_te=False, num_experts=max(num_experts, 1),
+                                moe_grouped_gemm=False),
+        mlp_bda=get_bias_dropout_add))
+    return ModuleSpec(module=_local_hybrid_stack_class(), submodules=HybridStackSubmodules(
+        mamba_layer=mamba, attention_layer=attention, moe_layer=moe))
+
+
+@functools.lru_cache(maxsize=None)
+def _local_hybrid_stack_class():
+    from megatron.core.models.hybrid.hybrid_block import HybridStack
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class LocalHybridStack(HybridStack):
+        """HybridStack whose final norm is a torch norm instead of the hard-wired TENorm."""
+
+        def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+            self.post_layer_norm = post_layer_norm
+            if self.post_process and post_layer_norm:
+                self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
+                                                   eps=config.layernorm_epsilon)
+
+    return LocalHybridStack

@@ -1,0 +1,190 @@
+"""Nemotron MoE VLM provider: presets, validation, built structure and parameter counts, freezing,
+dynamic-resolution RADIO, and the tiny CPU preset training in the hetero loop."""
+
+import json
+
+import pytest
+import torch
+
+from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
+from examples.mimo.training.hetero.config import parse_config
+from tests.unit_tests.models.dist_harness import torchrun, train
+
+BASE = ["--model-provider", "nemotron_moe_vlm", "--train-iters", "1", "--device", "cpu"]
+# Shrinks every width of a preset and keeps its layer pattern, so large shapes build on CPU.
+SMALL = ["--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+         "--kv-channels", "16", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+         "--moe-shared-expert-intermediate-size", "48", "--moe-router-topk", "2",
+         "--mamba-num-heads", "4", "--mamba-head-dim", "16", "--mamba-state-dim", "16",
+         "--mamba-num-groups", "2", "--vocab-size", "128", "--vision-num-layers", "2",
+         "--vision-hidden-size", "32", "--vision-ffn-hidden-size", "64",
+         "--vision-num-attention-heads", "4", "--img-h", "32", "--img-w", "32", "--patch-dim", "8",
+         "--max-img-size", "64", "--class-token-len", "2",
+         "--vision-projection-ffn-hidden-size", "96"]
+LAYER_CLASS = {"M": "MambaLayer", "*": "TransformerLayer", "E": "MoETransformerLayer"}
+
+
+def config(*extra, world_size=2):
+    # 512 tokens hold the 256 image tokens of the full-size presets.
+    return parse_config([*BASE, "--seq-length", "512", *extra], world_size=world_size).model
+
+
+# ---- presets and flags (pure) --------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, layers, mamba, attention, moe", [
+    ("tiny", 4, 1, 1, 2), ("tiny-cpu", 4, 0, 2, 2), ("nemotron-20l", 20, 8, 2, 10),
+    ("nemotron-54l", 54, 21, 6, 27)])
+def test_preset_layer_patterns(preset, layers, mamba, attention, moe):
+    pattern = config("--model-preset", preset).arch.hybrid_layer_pattern
+    assert (len(pattern), pattern.count("M"), pattern.count("*"), pattern.count("E")) == \
+        (layers, mamba, attention, moe)
+    # Every MoE layer follows one sequence mixer.
+    assert pattern[1::2] == "E" * moe and "E" not in pattern[0::2]
+
+
+def test_nemotron_shapes_share_the_nano_widths():
+    for preset in ("nemotron-20l", "nemotron-54l"):
+        a = config("--model-preset", preset).arch
+        assert (a.hidden_size, a.num_attention_heads, a.kv_channels, a.num_experts,
+                a.moe_router_topk, a.moe_ffn_hidden_size, a.moe_shared_expert_intermediate_size,
+                a.mamba_num_heads * a.mamba_head_dim, a.vocab_size) == \
+            (2688, 32, 128, 128, 6, 1856, 3712, 4096, 131072)
+        assert (a.vision_num_layers, a.vision_hidden_size, a.patch_dim) == (32, 1280, 16)
+
+
+def test_size_flags_override_one_field_of_the_preset():
+    base = config("--model-preset", "nemotron-20l")
+    cfg = config("--model-preset", "nemotron-20l", "--num-experts", "16")
+    assert cfg.arch.num_experts == 16
+    assert cfg.arch.hybrid_layer_pattern == base.arch.hybrid_layer_pattern
+    assert cfg.arch.hidden_size == base.arch.hidden_size
+
+
+def test_defaults_image_tokens_and_facts():
+    cfg = config("--model-preset", "nemotron-20l", "--seq-length", "512")
+    assert cfg.image_token_id == 131071 and cfg.transformer_impl == "local"
+    assert nemotron.data_spec(cfg).image_tokens == 256  # 512/16 = 32 patches a side, 2x2 shuffled
+    facts = nemotron.facts(cfg)
+    assert (facts.llm_num_layers, facts.num_experts, facts.llm_moe_layers) == (20, 128, 10)
+
+
+def test_training_stage_projector_only_freezes_vit_and_lm():
+    cfg = config("--training-stage", "projector-only")
+    assert (cfg.freeze_vit, cfg.freeze_lm, cfg.freeze_projection) == (True, True, False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hybrid-layer-pattern", "M*X"], "--hybrid-layer-pattern 'M*X'"),
+    (["--hybrid-layer-pattern", ""], "no layers"),
+    (["--num-query-groups", "3"], "--num-query-groups 3 must divide --num-attention-heads 4"),
+    (["--mamba-num-groups", "3"], "--mamba-num-groups 3 must divide --mamba-num-heads 8"),
+    (["--moe-router-topk", "5"], "--moe-router-topk 5 must be <= --num-experts 4"),
+    (["--img-h", "40"], "--img-h 40 must be a multiple of 2 x --patch-dim 8"),
+    (["--img-w", "128"], "--img-w 128 must be <= --max-img-size 64"),
+    (["--hidden-size", "0"], "--hidden-size 0 must be >= 1"),
+    (["--image-token-id", "256"], "--image-token-id 256 must be in [0, --vocab-size 256)"),
+    (["--image-token-id", "7"], "image token id 7 lies among the mock text ids"),
+    (["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff -1.0 must be >= 0"),
+    (["--training-stage", "projector-only", "--freeze-projection"], "nothing to train"),
+    (["--transformer-impl", "transformer_engine"], "needs transformer_engine"),
+    (["--llm-ep", "2", "--llm-only", "--llm-dp", "2", "--num-experts", "3",
+      "--moe-router-topk", "2"], "--llm-ep 2 must divide the LLM's 3 experts"),
+    (["--llm-tp", "4", "--llm-only"], "--llm-tp 4 must divide the LLM's 2 query groups"),
+    (["--seq-length", "5"], "--seq-length 5 must be >= image tokens 4 + 2"),
+])
+def test_bad_options_are_rejected_before_any_process_group(extra, message):
+    world = 4 if "--llm-tp" in extra else 2
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("*", r"\*").replace("+", r"\+")):
+        parse_config([*BASE, "--model-preset", "tiny", *extra], world_size=world)
+
+
+def test_unknown_preset_is_rejected_with_the_known_names(capsys):
+    with pytest.raises(SystemExit):
+        parse_config([*BASE, "--model-preset", "nemotron-99l"], world_size=2)
+    assert "nemotron-54l" in capsys.readouterr().err
+
+
+def test_mamba_layers_are_refused_off_cuda():
+    cfg = config("--model-preset", "tiny")
+    with pytest.raises(ValueError, match="Mamba layers .* need CUDA"):
+        nemotron.build(cfg, topology=None, dtype=torch.float32, seq_length=64,
+                       device=torch.device("cpu"))
+
+
+# ---- built structure, parameter counts, freezing (2 gloo ranks: encoder, LLM) ---------------
+
+def expected_lm_params(a) -> int:
+    h, v = a.hidden_size, a.vocab_size
+    d_inner = a.mamba_num_heads * a.mamba_head_dim
+    bc = 2 * a.mamba_num_groups * a.mamba_state_dim
+    per_layer = {
+        # norm, in_proj (z, x, B, C, dt), depthwise conv (weight k=4, bias), dt_bias, A_log, D,
+        # gated RMSNorm, out_proj
+        "M": h + h * (2 * d_inner + bc + a.mamba_num_heads) + (d_inner + bc) * 5
+        + 3 * a.mamba_num_heads + d_inner + d_inner * h,
+        # norm, fused QKV with grouped K/V, output projection; no biases
+        "*": h + h * (a.num_attention_heads + 2 * a.num_query_groups) * a.kv_channels
+        + a.num_attention_heads * a.kv_channels * h,
+        # norm, router, routed experts (non-gated squared ReLU), shared expert
+        "E": h + a.num_experts * h + a.num_experts * 2 * h * a.moe_ffn_hidden_size
+        + 2 * h * a.moe_shared_expert_intermediate_size,
+    }
+    return 2 * v * h + h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
+
+
+def expected_vision_params(a, projection_type: str):
+    c, f, p = a.vision_hidden_size, a.vision_ffn_hidden_size, a.patch_dim
+    layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * f + f) + (f * c + c)
+    vit = (a.class_token_len * c + (a.max_img_size // p) ** 2 * c + 3 * p * p * c
+           + a.vision_num_layers * layer + 2 * c)
+    if projection_type == "mlp":
+        projection = 4 * c * a.vision_projection_ffn_hidden_size \
+            + a.vision_projection_ffn_hidden_size * a.hidden_size
+    else:
+        projection = 4 * c * a.hidden_size
+    return vit, projection
+
+
+@pytest.mark.parametrize("preset, extra, frozen", [
+    ("tiny", ["--training-stage", "projector-only"], {"vit", "lm"}),
+    ("tiny-cpu", ["--freeze-vit"], {"vit"}),
+    ("nemotron-20l", [*SMALL, "--freeze-lm", "--vision-projection-type", "affine"], {"lm"}),
+    ("nemotron-54l", [*SMALL, "--freeze-projection"], {"projection"}),
+])
+def test_built_model_layers_parameter_counts_and_freezing(tmp_path, preset, extra, frozen):
+    torchrun(2, "tests.unit_tests.models.workers.nemotron_worker",
+             [str(tmp_path), "--model-preset", preset, *extra], timeout=240)
+    encoder, llm = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    cfg = config("--model-preset", preset, *extra)
+    a = cfg.arch
+    assert llm["module"] == "language" and encoder["module"] == "images"
+    assert llm["layers"] == [LAYER_CLASS[s] for s in a.hybrid_layer_pattern]
+    assert llm["final_norm"] == "RMSNorm" and encoder["encoder"] == "RadioEncoder"
+    vit, projection = expected_vision_params(a, cfg.vision_projection_type)
+    params = {"lm": expected_lm_params(a), "vit": vit, "projection": projection}
+    assert {**encoder["params"], **llm["params"]} == params
+    trainable = {**encoder["trainable"], **llm["trainable"]}
+    assert trainable == {part: 0 if part in frozen else n for part, n in params.items()}
+
+
+def test_dynamic_resolution_packs_images_without_mixing_them(tmp_path):
+    torchrun(1, "tests.unit_tests.models.workers.radio_worker", [str(tmp_path)], timeout=240)
+    r = json.loads((tmp_path / "result.json").read_text())
+    # 32x32 -> 4x4 patches -> 4 tokens; 16x48 -> 2x6 patches -> 3 tokens; 4 x hidden 32 channels
+    assert r["shapes"] == [[7, 128], [7, 128], [4, 128]]
+    assert r["packed_vs_alone"] < 1e-5 * r["scale"]
+    assert r["packed_vs_fixed"] < 1e-5 * r["scale"]
+
+
+# ---- training in the hetero loop (CPU/gloo) ---------------------------------------------------
+
+def test_tiny_cpu_preset_trains_in_the_hetero_loop(tmp_path):
+    metrics = train(2, tmp_path, ["--model-provider", "nemotron_moe_vlm", "--model-preset",
+                                  "tiny-cpu", "--train-iters", "20", "--lr", "2e-3",
+                                  "--lr-warmup-iters", "2", "--seq-length", "64"])
+    assert [m["iteration"] for m in metrics] == list(range(1, 21))
+    losses = [m["lm_loss"] for m in metrics]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    balance = [m["seq_load_balancing_loss"] for m in metrics]
+    assert all(0.9 < b < 4.0 for b in balance)  # 1.0 is perfectly balanced
