@@ -10,6 +10,11 @@ import torch
 from examples.mimo.model_providers import ENCODER_MODULE
 
 
+def check_divides(divisor_flag: str, divisor: int, dividend_flag: str, dividend: int) -> None:
+    if dividend % divisor:
+        raise ValueError(f"{divisor_flag} {divisor} must divide {dividend_flag} {dividend}")
+
+
 def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
     """TransformerConfig settings the hetero loop relies on, whatever the model."""
     return dict(

@@ -77,12 +77,10 @@ def config_from_args(args: argparse.Namespace) -> MockModelConfig:
             raise ValueError(f"{flag} {value} must be >= 1")
     if cfg.vocab_size < 3:
         raise ValueError(f"--vocab-size {cfg.vocab_size} must be >= 3")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"--num-attention-heads {cfg.num_attention_heads} must divide "
-                         f"--hidden-size {cfg.hidden_size}")
-    if cfg.encoder_hidden_size % cfg.encoder_num_attention_heads:
-        raise ValueError(f"--encoder-num-attention-heads {cfg.encoder_num_attention_heads} must "
-                         f"divide --encoder-hidden-size {cfg.encoder_hidden_size}")
+    common.check_divides("--num-attention-heads", cfg.num_attention_heads, "--hidden-size",
+                         cfg.hidden_size)
+    common.check_divides("--encoder-num-attention-heads", cfg.encoder_num_attention_heads,
+                         "--encoder-hidden-size", cfg.encoder_hidden_size)
     if cfg.img_h % cfg.patch_dim or cfg.img_w % cfg.patch_dim:
         raise ValueError(f"--patch-dim {cfg.patch_dim} must divide --img-h {cfg.img_h} and "
                          f"--img-w {cfg.img_w}")

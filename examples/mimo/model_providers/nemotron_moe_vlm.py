@@ -167,18 +167,15 @@ def validate_architecture(a: Architecture) -> None:
     if not a.hybrid_layer_pattern or unknown:
         raise ValueError(f"--hybrid-layer-pattern {a.hybrid_layer_pattern!r}: layers are one of "
                          f"{LAYER_SYMBOLS} (found {unknown or 'no layers'})")
-    if a.num_attention_heads % a.num_query_groups:
-        raise ValueError(f"--num-query-groups {a.num_query_groups} must divide "
-                         f"--num-attention-heads {a.num_attention_heads}")
-    if a.mamba_num_heads % a.mamba_num_groups:
-        raise ValueError(f"--mamba-num-groups {a.mamba_num_groups} must divide "
-                         f"--mamba-num-heads {a.mamba_num_heads}")
+    common.check_divides("--num-query-groups", a.num_query_groups, "--num-attention-heads",
+                         a.num_attention_heads)
+    common.check_divides("--mamba-num-groups", a.mamba_num_groups, "--mamba-num-heads",
+                         a.mamba_num_heads)
     if a.moe_router_topk > a.num_experts:
         raise ValueError(f"--moe-router-topk {a.moe_router_topk} must be <= --num-experts "
                          f"{a.num_experts}")
-    if a.vision_hidden_size % a.vision_num_attention_heads:
-        raise ValueError(f"--vision-num-attention-heads {a.vision_num_attention_heads} must divide "
-                         f"--vision-hidden-size {a.vision_hidden_size}")
+    common.check_divides("--vision-num-attention-heads", a.vision_num_attention_heads,
+                         "--vision-hidden-size", a.vision_hidden_size)
     # Pixel shuffle merges 2x2 patches, so each side must hold an even number of patches.
     for flag, side in (("--img-h", a.img_h), ("--img-w", a.img_w)):
         if side % (2 * a.patch_dim):
