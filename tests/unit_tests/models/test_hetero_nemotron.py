@@ -91,6 +91,8 @@ def test_training_stage_projector_only_freezes_vit_and_lm():
       "--moe-router-topk", "2"], "--llm-ep 2 must divide the LLM's 3 experts"),
     (["--llm-tp", "4", "--llm-only"], "--llm-tp 4 must divide the LLM's 2 query groups"),
     (["--seq-length", "5"], "--seq-length 5 must be >= image tokens 4 + 2"),
+    (["--mock-text-vocab", "1"], "--mock-text-vocab 1 must be >= 2"),
+    (["--mock-text-vocab", "255"], "--mock-text-vocab 255 must be <= vocabulary size 256 - 2"),
 ])
 def test_bad_options_are_rejected_before_any_process_group(extra, message):
     world = 4 if "--llm-tp" in extra else 2
