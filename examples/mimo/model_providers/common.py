@@ -37,6 +37,12 @@ def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
     )
 
 
+def transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
+
+
 def assemble(*, topology, language_spec: Callable[[object], object],
              encoder_spec: Callable[[object], object], image_token_id: int):
     """This rank's part of the non-colocated MimoModel (unwrapped, unfrozen).

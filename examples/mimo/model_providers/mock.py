@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
 import torch
 
 from examples.mimo.model_providers import DataSpec, ModelFacts, common
-from examples.mimo.model_providers.common import base_config_kwargs
 
 NAME = "mock"
 VIT_ENCODER = "vit"
@@ -99,12 +99,6 @@ def data_spec(cfg: MockModelConfig) -> DataSpec:
                     image_tokens=cfg.image_tokens, image_shape=(3, cfg.img_h, cfg.img_w))
 
 
-def _transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
-
-
 class MockViT(torch.nn.Module):
     """Patch embedding + learned positions + a megatron-core transformer block (no mask)."""
 
@@ -136,10 +130,10 @@ def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.d
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    vit_config = _transformer_config(
+    vit_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=cfg.encoder_num_layers,
         hidden_size=cfg.encoder_hidden_size, num_attention_heads=cfg.encoder_num_attention_heads)
-    projector_config = _transformer_config(
+    projector_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.hidden_size, num_attention_heads=1,
         activation_func=torch.nn.functional.gelu)
@@ -162,7 +156,7 @@ def language_spec(cfg: MockModelConfig, *, pg_collection, tp: int, pp: int, dtyp
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
-    config = _transformer_config(
+    config = common.transformer_config(
         tp=tp, pp=pp, dtype=dtype, num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
     return ModuleSpec(module=GPTModel, params=dict(

@@ -203,18 +203,12 @@ def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
                     image_tokens=cfg.image_tokens, image_shape=(3, a.img_h, a.img_w))
 
 
-def _config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(**common.base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
-
-
 def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,
                     dtype: torch.dtype):
     from megatron.core.activations import squared_relu
 
     a = cfg.arch
-    return _config(
+    return common.transformer_config(
         tp=tp, pp=pp, dtype=dtype, num_layers=len(a.hybrid_layer_pattern),
         hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
@@ -259,14 +253,14 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
     from examples.mimo.model_providers.radio_encoder import RadioEncoder
 
     a = cfg.arch
-    vit_config = _config(
+    vit_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=a.vision_num_layers,
         hidden_size=a.vision_hidden_size, ffn_hidden_size=a.vision_ffn_hidden_size,
         num_attention_heads=a.vision_num_attention_heads, add_bias_linear=True, add_qkv_bias=True,
         activation_func=torch.nn.functional.gelu, gated_linear_unit=False,
         normalization="LayerNorm", layernorm_epsilon=1e-6, bias_activation_fusion=False,
         bias_dropout_fusion=False, attention_softmax_in_fp32=True)
-    projector_config = _config(
+    projector_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=a.hidden_size,
         ffn_hidden_size=a.vision_projection_ffn_hidden_size, num_attention_heads=1,
         add_bias_linear=False, activation_func=squared_relu, gated_linear_unit=False)
