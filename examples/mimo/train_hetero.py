@@ -1,38 +1,110 @@
-"""Heterogeneous-parallel MIMO training entrypoint: parse -> build -> train -> close.
+"""Heterogeneous-parallel MIMO training entrypoint: parse -> check -> build -> train -> close.
 
     torchrun --nproc-per-node 2 -m examples.mimo.train_hetero --train-iters 20
+    python -m examples.mimo.launch --nproc-per-node 2 -- --train-iters 20   # validates first
 
-Any exception on any rank prints its traceback and ends that process at once; torchrun then
-stops the other ranks, and without torchrun they fail on the collective timeout
-(--distributed-timeout-minutes) instead of waiting forever.
+How it fails:
+- bad flags or paths (found before any process group exists): ``error: <message>`` once, from
+  rank 0, and exit status 2 on every rank;
+- at run time: the failing rank prints ``[rank R] error: <first line>`` and exits 1 at once, its
+  traceback in $HETERO_FAILURE_DIR/rank<R>.txt when set (examples.mimo.launch sets it and ends
+  with a summary naming the first failing rank) or on stderr otherwise. torchrun then stops the
+  other ranks; without torchrun they fail on the collective timeout
+  (--distributed-timeout-minutes) instead of waiting forever.
 """
 
+import json
 import os
 import sys
+import time
 import traceback
+import warnings
 
-from examples.mimo.training.hetero.config import parse_config
-from examples.mimo.training.hetero.loop import train
-from examples.mimo.training.hetero.runtime import build_runtime
+
+def quiet_library_warnings(show: bool) -> None:
+    """megatron-core and torch repeat the same warnings per rank, per import and per call: a job
+    shows each once (``show`` on rank 0 only), not once per rank and call."""
+    warnings.simplefilter("once" if show else "ignore")
+    import logging
+
+    # megatron-core logs INFO/WARNING per rank through its own loggers (bucket layouts, ...).
+    logging.getLogger("megatron").setLevel(logging.WARNING if show else logging.ERROR)
+
+
+def check(argv, world_size: int):
+    """Parse and validate flags and checkpoint paths; ConfigError (one line) on bad input."""
+    from examples.mimo.model_providers import MODEL_PROVIDERS
+    from examples.mimo.training.hetero.checkpointing import preflight
+    from examples.mimo.training.hetero.config import parse_config
+    from examples.mimo.training.hetero.errors import ConfigError
+
+    try:
+        cfg = parse_config(argv, world_size=world_size)
+        notes = preflight(cfg, MODEL_PROVIDERS[cfg.model_provider].checkpoint_must_match(cfg.model))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg, notes
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    rank = int(os.environ.get("RANK", "0"))
+    quiet_library_warnings(show=rank == 0)
+    cfg, notes = check(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.runtime.dry_run:
+        from examples.mimo.model_providers import MODEL_PROVIDERS
+        from examples.mimo.training.hetero.config import describe
+
+        if rank == 0:
+            print(describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)))
+            print("\n".join(notes) or "checkpoints: nothing to resume")
+        return
+    from examples.mimo.training.hetero.ckpt_policy import remove_stale_saves
+    from examples.mimo.training.hetero.loop import train
+    from examples.mimo.training.hetero.runtime import build_runtime
+
+    if rank == 0:
+        for line in notes + remove_stale_saves(cfg.ckpt.save):
+            print(line, flush=True)
     runtime = build_runtime(cfg)
     train(runtime)
     runtime.close()
 
 
+def report_failure(rank: str, err: BaseException) -> None:
+    from examples.mimo.training.hetero.errors import HeteroError
+
+    text = str(err).strip()
+    first = text if isinstance(err, HeteroError) else \
+        f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    where = os.environ.get("HETERO_FAILURE_DIR")
+    trace = traceback.format_exc()
+    if where:
+        with open(os.path.join(where, f"rank{rank}.txt"), "w") as f:
+            f.write(trace)
+        with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "time": time.time(), "error": first}, f)
+    elif not isinstance(err, HeteroError):
+        print(trace, file=sys.stderr)
+    print(f"[rank {rank}] error: {first}", file=sys.stderr, flush=True)
+
+
 def run(argv=None) -> None:
-    """main() for a torchrun worker: a failure ends this process at once, traceback printed."""
+    """main() for a torchrun worker: a failure ends this process at once."""
+    from examples.mimo.training.hetero.errors import ConfigError
+
+    rank = os.environ.get("RANK", "0")
     try:
         main(argv)
     except SystemExit:
         raise
-    except BaseException:
-        rank = os.environ.get("RANK", "?")
-        print(f"[rank {rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    except ConfigError as err:
+        if rank == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(2)
+    except BaseException as err:
+        report_failure(rank, err)
         # Skip interpreter teardown: destroying process groups could block on peers.
         os._exit(1)
 

@@ -1,8 +1,9 @@
-"""Data-provider registry. A provider owns its flags and turns sample indices into samples;
+"""Data-provider registry: modules satisfying ``examples.mimo.interfaces.DataProvider``;
 lanes.py decides which samples each rank sees."""
 
 from typing import Dict
 
 from examples.mimo.data import mock
+from examples.mimo.interfaces import DataProvider
 
-DATA_PROVIDERS: Dict[str, object] = {mock.NAME: mock}
+DATA_PROVIDERS: Dict[str, DataProvider] = {mock.NAME: mock}

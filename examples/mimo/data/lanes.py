@@ -67,17 +67,14 @@ def collate(samples: List[Dict[str, Optional[torch.Tensor]]], *, role: str, enco
 
 
 class LaneIterator:
-    """Yields this rank's micro-batches in schedule order; resumable from a sample count."""
+    """Yields this rank's micro-batches in schedule order; its state is the sample count."""
 
     def __init__(self, layout: RankDataLayout, make_sample: Callable[[int], dict],
-                 collate_fn: Callable[[list], dict], consumed_samples: int = 0):
-        if consumed_samples % layout.global_batch_size:
-            raise ValueError(f"consumed samples {consumed_samples} is not a whole number of "
-                             f"global batches of {layout.global_batch_size}")
+                 collate_fn: Callable[[list], dict]):
         self.layout = layout
         self._make_sample = make_sample
         self._collate = collate_fn
-        self._step = consumed_samples // layout.global_batch_size
+        self._step = 0
         self._microbatch = 0
 
     def __iter__(self) -> Iterator[dict]:
@@ -92,3 +89,10 @@ class LaneIterator:
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self._step * self.layout.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        consumed = state["consumed_samples"]
+        if consumed % self.layout.global_batch_size:
+            raise ValueError(f"consumed samples {consumed} is not a whole number of global "
+                             f"batches of {self.layout.global_batch_size}")
+        self._step, self._microbatch = consumed // self.layout.global_batch_size, 0

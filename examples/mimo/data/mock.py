@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from examples.mimo.model_providers import DataSpec
+from examples.mimo.interfaces import DataSpec
 
 NAME = "mock"
 

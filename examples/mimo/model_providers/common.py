@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from examples.mimo.model_providers import ENCODER_MODULE
+from examples.mimo.interfaces import ENCODER_MODULE
 
 
 def check_divides(divisor_flag: str, divisor: int, dividend_flag: str, dividend: int) -> None:

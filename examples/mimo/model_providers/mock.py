@@ -4,11 +4,13 @@ projector, and a GPT language model. Small enough to train on CPU in CI."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from examples.mimo.model_providers import DataSpec, ModelFacts, common
+from examples.mimo.interfaces import DataSpec, ModelFacts
+from examples.mimo.model_providers import common
 
 NAME = "mock"
 VIT_ENCODER = "vit"
@@ -88,10 +90,21 @@ def config_from_args(args: argparse.Namespace) -> MockModelConfig:
 
 
 def facts(cfg: MockModelConfig) -> ModelFacts:
+    h, c, v = cfg.hidden_size, cfg.encoder_hidden_size, cfg.vocab_size
+    # Local-spec layer, 4x MLP, biases on: two LayerNorms (4h), QKV (3h^2+3h), projection (h^2+h),
+    # fc1 (4h^2+4h), fc2 (4h^2+h).
+    layer = lambda w: 12 * w * w + 13 * w  # noqa: E731
+    llm = 2 * v * h + 2 * h + cfg.num_layers * layer(h)  # untied embedding/output, final norm
+    vit = 3 * cfg.patch_dim ** 2 * c + cfg.image_tokens * c + cfg.encoder_num_layers * layer(c) + 2 * c
+    projector = c * h + h + h * h + h
     return ModelFacts(llm_num_layers=cfg.num_layers, llm_num_heads=cfg.num_attention_heads,
                       llm_num_query_groups=cfg.num_attention_heads,
                       encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0,
-                      llm_moe_layers=0)
+                      llm_moe_layers=0, encoder_params=vit + projector, llm_params=llm)
+
+
+def checkpoint_must_match(cfg: MockModelConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("freeze_")}
 
 
 def data_spec(cfg: MockModelConfig) -> DataSpec:

@@ -11,14 +11,14 @@ embeddings, vocabulary 131072); the vision side follows megatron-core's "radio" 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, fields, replace
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
-from examples.mimo.model_providers import DataSpec, ModelFacts, common, specs
-
-specs.enable_triton_mamba()  # before megatron.core.ssm is imported anywhere
+from examples.mimo.interfaces import DataSpec, ModelFacts
+from examples.mimo.model_providers import common, specs
 
 NAME = "nemotron_moe_vlm"
 VIT_ENCODER = "radio"
@@ -190,11 +190,59 @@ def validate_architecture(a: Architecture) -> None:
 def facts(cfg: NemotronVLMConfig) -> ModelFacts:
     a = cfg.arch
     moe_layers = a.hybrid_layer_pattern.count("E")
+    vit, projection = vision_params(a, cfg.vision_projection_type)
     return ModelFacts(llm_num_layers=len(a.hybrid_layer_pattern),
                       llm_num_heads=a.num_attention_heads, llm_num_query_groups=a.num_query_groups,
                       encoder_num_heads=a.vision_num_attention_heads,
                       num_experts=a.num_experts if moe_layers else 0, llm_moe_layers=moe_layers,
-                      moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else ())
+                      moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else (),
+                      uses_mamba="M" in a.hybrid_layer_pattern,
+                      encoder_params=vit + projection, llm_params=language_params(a))
+
+
+def checkpoint_must_match(cfg: NemotronVLMConfig) -> dict:
+    """Shapes and parameter names; freezing, the training stage, the aux-loss weight, the image
+    token id and dynamic resolution may change between stages."""
+    return {"arch": dataclasses.asdict(cfg.arch), "transformer_impl": cfg.transformer_impl,
+            "vision_projection_type": cfg.vision_projection_type}
+
+
+def language_params(a: Architecture) -> int:
+    h, v = a.hidden_size, a.vocab_size
+    d_inner = a.mamba_num_heads * a.mamba_head_dim
+    bc = 2 * a.mamba_num_groups * a.mamba_state_dim
+    per_layer = {
+        # norm, in_proj (z, x, B, C, dt), depthwise conv (weight k=4, bias), dt_bias, A_log, D,
+        # gated RMSNorm, out_proj
+        "M": h + h * (2 * d_inner + bc + a.mamba_num_heads) + (d_inner + bc) * 5
+        + 3 * a.mamba_num_heads + d_inner + d_inner * h,
+        # norm, fused QKV with grouped K/V, output projection; no biases
+        "*": h + h * (a.num_attention_heads + 2 * a.num_query_groups) * a.kv_channels
+        + a.num_attention_heads * a.kv_channels * h,
+        # norm, router, routed experts (non-gated squared ReLU), shared expert
+        "E": h + a.num_experts * h + a.num_experts * 2 * h * a.moe_ffn_hidden_size
+        + 2 * h * a.moe_shared_expert_intermediate_size,
+        # norm, fc1, fc2 (non-gated, no biases)
+        "-": h + 2 * h * a.ffn_hidden_size,
+    }
+    # untied embedding and output layer, final norm
+    return 2 * v * h + h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
+
+
+def vision_params(a: Architecture, projection_type: str) -> Tuple[int, int]:
+    """(RADIO ViT, projector) parameter counts."""
+    c, f, p = a.vision_hidden_size, a.vision_ffn_hidden_size, a.patch_dim
+    # two LayerNorms, QKV and projection with biases, MLP with biases
+    layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * f + f) + (f * c + c)
+    # class tokens, position-embedding table, patch embedding (no bias), layers, ln_post
+    vit = (a.class_token_len * c + (a.max_img_size // p) ** 2 * c + 3 * p * p * c
+           + a.vision_num_layers * layer + 2 * c)
+    if projection_type == "mlp":
+        projection = 4 * c * a.vision_projection_ffn_hidden_size \
+            + a.vision_projection_ffn_hidden_size * a.hidden_size
+    else:
+        projection = 4 * c * a.hidden_size
+    return vit, projection
 
 
 def data_spec(cfg: NemotronVLMConfig) -> DataSpec:

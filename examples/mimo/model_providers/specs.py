@@ -1,18 +1,18 @@
 """Layer specs for the Nemotron VLM on either backend (``--transformer-impl``).
 
-megatron-core 0.19.2 ships the hybrid (Mamba/attention/MoE) stack spec for transformer-engine only,
-and its ``HybridStack`` builds the final norm with ``TENorm`` whatever the spec says. The local
-specs here use megatron-core's own non-TE modules, and ``LocalHybridStack`` swaps the final norm.
+megatron-core 0.19.2 ships the hybrid (Mamba/attention/MoE) stack spec for transformer-engine only.
+The local specs here use megatron-core's own non-TE modules, in compat.local_hybrid_stack (whose
+final norm is not the TENorm that ``HybridStack`` hard-wires).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import sys
-import types
 
 import torch
+
+from examples.mimo.training.hetero import compat
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
@@ -29,27 +29,8 @@ def check_transformer_impl(impl: str) -> None:
                          "not importable here; use --transformer-impl local")
 
 
-def enable_triton_mamba() -> None:
-    """Let megatron-core use mamba-ssm's Triton kernels from a build without CUDA extensions.
-
-    ``mamba_ssm/__init__.py`` imports ``selective_scan_cuda`` (a compiled extension) before anything
-    else, so a pure-Python build fails on ``import mamba_ssm.ops.triton...`` and megatron-core then
-    reports Mamba as unavailable. Registering the package without running its ``__init__`` leaves
-    the Triton submodules importable. Must run before megatron.core.ssm is first imported.
-    """
-    if "mamba_ssm" in sys.modules:
-        return
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or spec.submodule_search_locations is None:
-        return
-    package = types.ModuleType("mamba_ssm")
-    package.__spec__ = spec
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["mamba_ssm"] = package
-
-
 def mamba_available() -> bool:
-    enable_triton_mamba()
+    """After compat.import_mamba_triton_kernels (start-up, for models with Mamba layers)."""
     from megatron.core.ssm import mamba_mixer
 
     return bool(mamba_mixer.HAVE_MAMBA_SSM)
@@ -163,23 +144,5 @@ def _local_hybrid_stack_spec(num_experts: int):
         mlp=get_moe_module_spec(use_te=False, num_experts=max(num_experts, 1),
                                 moe_grouped_gemm=False),
         mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=_local_hybrid_stack_class(), submodules=HybridStackSubmodules(
+    return ModuleSpec(module=compat.local_hybrid_stack(), submodules=HybridStackSubmodules(
         mamba_layer=mamba, attention_layer=attention, moe_layer=moe))
-
-
-@functools.lru_cache(maxsize=None)
-def _local_hybrid_stack_class():
-    from megatron.core.models.hybrid.hybrid_block import HybridStack
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    class LocalHybridStack(HybridStack):
-        """HybridStack whose final norm is a torch norm instead of the hard-wired TENorm."""
-
-        def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
-            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
-            self.post_layer_norm = post_layer_norm
-            if self.post_process and post_layer_norm:
-                self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
-                                                   eps=config.layernorm_epsilon)
-
-    return LocalHybridStack

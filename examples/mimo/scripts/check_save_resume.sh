@@ -13,8 +13,8 @@ gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$gpus" -ge "$nproc" ]; then device=(--device cuda --bf16); else device=(--device cpu); fi
 run() {
   timeout --signal=TERM --kill-after=30 "${HETERO_TIMEOUT_S:-1200}" \
-    "$py" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-    -m examples.mimo.train_hetero "${device[@]}" --train-iters "$iters" --log-interval 10 \
+    "$py" -m examples.mimo.launch --standalone --nproc-per-node "$nproc" -- \
+    "${device[@]}" --train-iters "$iters" --log-interval 10 \
     --distributed-timeout-minutes 5 "$@"
 }
 cd "$root"

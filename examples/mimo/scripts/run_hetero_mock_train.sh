@@ -13,8 +13,7 @@ if [ "$gpus" -ge "$nproc" ]; then device=(--device cuda --bf16); else device=(--
 cd "$root"
 # The job ends on its own when a rank fails; the outer timeout is a last resort.
 exec timeout --signal=TERM --kill-after=30 "${HETERO_TIMEOUT_S:-3600}" \
-  "$py" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-  -m examples.mimo.train_hetero "${device[@]}" \
+  "$py" -m examples.mimo.launch --standalone --nproc-per-node "$nproc" -- "${device[@]}" \
   --train-iters 30 --global-batch-size 8 --micro-batch-size 2 --seq-length 64 \
   --lr 2e-3 --min-lr 1e-4 --lr-warmup-iters 3 --lr-decay-style WSD \
   --lr-wsd-decay-iters 10 --lr-wsd-decay-style minus_sqrt --log-interval 1 \

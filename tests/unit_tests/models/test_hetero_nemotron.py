@@ -116,38 +116,6 @@ def test_mamba_layers_are_refused_off_cuda():
 
 # ---- built structure, parameter counts, freezing (2 gloo ranks: encoder, LLM) ---------------
 
-def expected_lm_params(a) -> int:
-    h, v = a.hidden_size, a.vocab_size
-    d_inner = a.mamba_num_heads * a.mamba_head_dim
-    bc = 2 * a.mamba_num_groups * a.mamba_state_dim
-    per_layer = {
-        # norm, in_proj (z, x, B, C, dt), depthwise conv (weight k=4, bias), dt_bias, A_log, D,
-        # gated RMSNorm, out_proj
-        "M": h + h * (2 * d_inner + bc + a.mamba_num_heads) + (d_inner + bc) * 5
-        + 3 * a.mamba_num_heads + d_inner + d_inner * h,
-        # norm, fused QKV with grouped K/V, output projection; no biases
-        "*": h + h * (a.num_attention_heads + 2 * a.num_query_groups) * a.kv_channels
-        + a.num_attention_heads * a.kv_channels * h,
-        # norm, router, routed experts (non-gated squared ReLU), shared expert
-        "E": h + a.num_experts * h + a.num_experts * 2 * h * a.moe_ffn_hidden_size
-        + 2 * h * a.moe_shared_expert_intermediate_size,
-    }
-    return 2 * v * h + h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
-
-
-def expected_vision_params(a, projection_type: str):
-    c, f, p = a.vision_hidden_size, a.vision_ffn_hidden_size, a.patch_dim
-    layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * f + f) + (f * c + c)
-    vit = (a.class_token_len * c + (a.max_img_size // p) ** 2 * c + 3 * p * p * c
-           + a.vision_num_layers * layer + 2 * c)
-    if projection_type == "mlp":
-        projection = 4 * c * a.vision_projection_ffn_hidden_size \
-            + a.vision_projection_ffn_hidden_size * a.hidden_size
-    else:
-        projection = 4 * c * a.hidden_size
-    return vit, projection
-
-
 @pytest.mark.parametrize("preset, extra, frozen", [
     ("tiny", ["--training-stage", "projector-only"], {"vit", "lm"}),
     ("tiny-cpu", ["--freeze-vit"], {"vit"}),
@@ -163,8 +131,11 @@ def test_built_model_layers_parameter_counts_and_freezing(tmp_path, preset, extr
     assert llm["module"] == "language" and encoder["module"] == "images"
     assert llm["layers"] == [LAYER_CLASS[s] for s in a.hybrid_layer_pattern]
     assert llm["final_norm"] == "RMSNorm" and encoder["encoder"] == "RadioEncoder"
-    vit, projection = expected_vision_params(a, cfg.vision_projection_type)
-    params = {"lm": expected_lm_params(a), "vit": vit, "projection": projection}
+    # The provider's own counts (what --dry-run prints) against the built model.
+    vit, projection = nemotron.vision_params(a, cfg.vision_projection_type)
+    params = {"lm": nemotron.language_params(a), "vit": vit, "projection": projection}
+    facts = nemotron.facts(cfg)
+    assert (facts.llm_params, facts.encoder_params) == (params["lm"], vit + projection)
     assert {**encoder["params"], **llm["params"]} == params
     trainable = {**encoder["trainable"], **llm["trainable"]}
     assert trainable == {part: 0 if part in frozen else n for part, n in params.items()}

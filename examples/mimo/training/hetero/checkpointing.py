@@ -1,66 +1,81 @@
 """Distributed checkpoints of a hetero run, in Megatron's layout, without parallel_state.
 
-    <save>/latest_checkpointed_iteration.txt      the last complete iteration
-    <save>/iter_0000010/                           torch_dist shards, common state, metadata
+A checkpoint holds, under fixed keys: "model" (both MimoModel branches; their keys never collide),
+"optimizer" (the MimoOptimizer state per trainable branch, DP-reshardable), one ShardedObject per
+rank for each per-rank state ("rng"), and as common state the configuration, the model's
+must-match fields and each common state object ("train_state", "scheduler", "data"). Adding a
+piece of run state is one entry in ``Checkpointer.__init__``.
 
-Contents: both MimoModel branches (keys "modality_submodules.images.module..." and
-"language_model.module..." never collide), the MimoOptimizer state (per branch, prefixed by megatron-core
-with "mimo.<branch>."), per-branch RNG state, and as common state the scheduler, iteration, consumed
-samples, data position and the configuration.
-
-A save goes to "iter_N.tmp" and is renamed by rank 0 only after every rank finished writing; the
-tracker is then replaced atomically. A crash mid-save leaves the previous checkpoint and tracker
-intact. Loading reads every pickled object with torch.load(weights_only=True).
+A save goes to "iter_N.tmp"; every rank checksums the files it wrote (checksums.json), and rank 0
+renames the directory only after every rank finished, then replaces the tracker atomically. A
+failed save removes its "iter_N.tmp" and leaves the previous checkpoint and tracker intact. A load
+verifies the checksums first (the files split over the ranks) and names a damaged file. Every
+pickled object is read with torch.load(weights_only=True) (compat.refuse_pickled_checkpoint_objects).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import time
-from typing import Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies import torch as dcp_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 
-from examples.mimo.model_providers import ENCODER_MODULE
+from examples.mimo.interfaces import ENCODER_MODULE
+from examples.mimo.training.hetero import compat
+from examples.mimo.training.hetero.ckpt_policy import (
+    CHECKPOINT_VERSION,
+    MANIFEST,
+    TRACKER,
+    changed_settings,
+    check_paths,
+    checksum_files,
+    damaged_files,
+    files_written_by,
+    find_checkpoint,
+    is_complete,
+    iteration_dir,
+    read_manifest,
+    resume_problems,
+    same_layout,
+    write_manifest,
+)
+from examples.mimo.training.hetero.errors import CheckpointError
 from examples.mimo.training.hetero.runtime import Runtime, branch
+from examples.mimo.training.hetero.state import RNGState
 from examples.mimo.training.hetero.topology import LANGUAGE
 
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 1
-# Fields of the saved configuration that may change across a resume (layout and run control).
-RESHARDABLE = {"grid", "batch.micro_batch_size", "batch.num_microbatches", "ddp", "log", "ckpt",
-               "runtime.device", "runtime.distributed_timeout_minutes", "schedule.train_iters"}
+
+def describe(err: BaseException) -> str:
+    """One line for a save/load failure, also from inside torch's checkpoint wrapper."""
+    failures = getattr(err, "failures", None) or {}
+    causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()] or [err]
+    lines = []
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            lines.append("no space left on device")
+        elif isinstance(cause, OSError) and cause.strerror:
+            lines.append(cause.strerror.lower() + (f": {cause.filename}" if cause.filename else ""))
+        else:
+            lines.append(str(cause) or type(cause).__name__)
+    return "; ".join(dict.fromkeys(lines))
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _safe_load_bytes(self, read_item, value):
-    # torch's DCP planner unpickles ShardedObjects with weights_only=False, which would run code
-    # embedded in a checkpoint. Everything we store is tensors and plain Python data.
-    try:
-        obj = torch.load(value, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"refusing to unpickle checkpoint object {read_item.dest_index.fqn!r}: "
-                              f"it is not plain data ({err})") from err
-    if self.flatten_state_dict:
-        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-    else:
-        self.state_dict[read_item.dest_index.fqn] = obj
-
-
-dcp_strategy.MCoreLoadPlanner.load_bytes = _safe_load_bytes
+def _agree(message: Optional[str]) -> Optional[str]:
+    """Every rank's failure message (or None) -> the lowest rank's, on every rank."""
+    gathered: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m is not None), None)
 
 
 def read(template: dict, path: str, what: str, **kwargs):
@@ -68,257 +83,294 @@ def read(template: dict, path: str, what: str, **kwargs):
     try:
         return dist_checkpointing.load(template, path, **kwargs)
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
-        # torch's checkpoint layer wraps per-rank failures as (exception, traceback).
-        failures = getattr(err, "failures", {}) or {}
-        causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        reason = "; ".join(str(c) for c in causes) or str(err)
-        raise CheckpointError(f"cannot load {path} {what}: {reason}") from err
+        raise CheckpointError(f"cannot load {path} {what}: {describe(err)}") from err
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+def read_common(path: str) -> dict:
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"cannot read the common state of {path}: {describe(err)}") from err
+    if common.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {common.get('checkpoint_version')!r}, "
+                              f"expected {CHECKPOINT_VERSION}")
+    return common
 
 
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json")) and \
-        os.path.isfile(os.path.join(path, ".metadata"))
+def preflight(cfg, model_must_match: dict) -> List[str]:
+    """Before any process group: --load/--save against the file system, and a resume against
+    the resume policy. Raises ValueError (one line); returns log lines (what the resume changes)."""
+    check_paths(cfg.ckpt)
+    if cfg.ckpt.load is None:
+        return []
+    try:
+        found = find_checkpoint(cfg.ckpt.load)
+        if found is None:
+            return []
+        common = read_common(found[1])
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
+    now = {"args": dataclasses.asdict(cfg), "model_must_match": model_must_match}
+    problems = resume_problems(common, now)
+    if problems:
+        raise ValueError(f"cannot resume {found[1]}: " + "; ".join(problems))
+    changes = changed_settings(common["args"], now["args"])
+    return [f"resuming {found[1]} with changes: " + ", ".join(changes)] if changes else []
 
 
-def _sharded_state(rt: Runtime, optimizer, *, with_optim: bool, with_rng: bool, is_loading: bool):
-    model_sd = rt.model.sharded_state_dict()
-    state = {"model": model_sd}
-    if with_optim:
-        # Reshardable across DP. ("fully_reshardable" cannot be loaded back with torch Adam in 0.19.2:
-        # its loader copies into every tensor of the Adam state, "step" included.)
-        per_branch = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "dp_reshardable"})
-        # Branches this rank does not run come back as {}; leaving them out keeps the common
-        # state identical on every rank.
-        state["optimizer"] = {name: sd for name, sd in per_branch.items() if sd}
-    if with_rng:
-        state["rng"] = _rng_object(rt)
-    return state
+class Checkpointer:
+    def __init__(self, rt: Runtime, *, optimizer, scheduler, train_state, data):
+        self.rt = rt
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        # Identical on every rank: saved once, in the common state.
+        self.common = {"train_state": train_state, "scheduler": scheduler, "data": data}
+        # One object per rank position: restored only on the layout that wrote it.
+        self.per_rank = {"rng": RNGState(rt.device)}
 
+    # ---- state ----------------------------------------------------------------------------
 
-def _rng_object(rt: Runtime) -> ShardedObject:
-    name = rt.topology.module_name
-    pgc = rt.topology.module_pgc(name)
-    data = {"cpu": torch.get_rng_state()}
-    if rt.device.type == "cuda":
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    def _sharded(self, *, with_optim: bool, per_rank: bool, is_loading: bool) -> dict:
+        model_sd = self.rt.model.sharded_state_dict()
+        state = {"model": model_sd}
+        if with_optim:
+            # Reshardable across DP. ("fully_reshardable" cannot be loaded back with torch Adam in
+            # 0.19.2: its loader copies into every tensor of the Adam state, "step" included.)
+            per_branch = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            # Branches this rank does not run come back as {}; leaving them out keeps the common
+            # state identical on every rank.
+            state["optimizer"] = {name: sd for name, sd in per_branch.items() if sd}
+        if per_rank:
+            name = self.rt.topology.module_name
+            pgc = self.rt.topology.module_pgc(name)
+            for key, obj in self.per_rank.items():
+                state[key] = ShardedObject(f"{key}_state.{name}", obj.state_dict(),
+                                           (pgc.pp.size(), pgc.tp.size(), pgc.dp.size()),
+                                           (pgc.pp.rank(), pgc.tp.rank(), pgc.dp.rank()),
+                                           replica_id=0)
+        return state
 
-        data["cuda"] = torch.cuda.get_rng_state()
-        data["tracker"] = get_cuda_rng_tracker().get_states()
-    return ShardedObject(f"rng_state.{name}", data,
-                         (pgc.pp.size(), pgc.tp.size(), pgc.dp.size()),
-                         (pgc.pp.rank(), pgc.tp.rank(), pgc.dp.rank()), replica_id=0)
+    def _common_state(self) -> dict:
+        cfg = self.rt.cfg
+        return {"checkpoint_version": CHECKPOINT_VERSION, "args": dataclasses.asdict(cfg),
+                "model_must_match": self.rt.model_provider.checkpoint_must_match(cfg.model),
+                **{key: obj.state_dict() for key, obj in self.common.items()}}
 
+    # ---- save -----------------------------------------------------------------------------
 
-def _restore_rng(rt: Runtime, data: dict) -> None:
-    torch.set_rng_state(data["cpu"])
-    if "cuda" in data and rt.device.type == "cuda":
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    def save(self, iteration: int) -> str:
+        ck = self.rt.cfg.ckpt
+        rank = dist.get_rank()
+        start = time.perf_counter()
+        final = iteration_dir(ck.save, iteration)
+        tmp = final + ".tmp"
+        failure = None
+        if rank == 0:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of it left
+                os.makedirs(tmp)
+            except OSError as err:
+                failure = describe(err)
+        failure = _agree(failure)
+        hashing = 0.0
+        entries: Dict[str, dict] = {}
+        if failure is None:
+            try:
+                state = self._sharded(with_optim=not ck.no_save_optim, per_rank=True,
+                                      is_loading=False)
+                state.update(self._common_state())
+                dist_checkpointing.save(state, tmp, validate_access_integrity=True)
+                t0 = time.perf_counter()
+                entries = checksum_files(tmp, files_written_by(tmp, rank))
+                hashing = time.perf_counter() - t0
+            except (Exception, CheckpointException) as err:
+                failure = describe(err)
+            failure = _agree(failure)
+        gathered: List[Dict[str, dict]] = [{}] * dist.get_world_size()
+        if failure is None:
+            dist.all_gather_object(gathered, entries)
+            if rank == 0:
+                try:
+                    write_manifest(tmp, {k: v for part in gathered for k, v in part.items()})
+                    self._publish(tmp, final, iteration)
+                except OSError as err:
+                    failure = describe(err)
+            failure = _agree(failure)
+        if failure is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot save iteration {iteration} to {tmp}: {failure}; the "
+                                  f"previous checkpoint in {ck.save} is untouched")
+        if rank == 0:
+            size = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
+            print(f"saved {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s "
+                  f"(checksums {hashing:.3f} s on rank 0)", flush=True)
+        return final
 
-        torch.cuda.set_rng_state(data["cuda"])
-        get_cuda_rng_tracker().set_states(data["tracker"])
-
-
-def _inner_adams(optimizer):
-    for top in optimizer._active_optimizers:
-        for opt in getattr(top, "chained_optimizers", [top]):
-            yield opt
-
-
-def _prime_optimizer_state(optimizer) -> None:
-    """Give every Adam parameter a zero state at step 0 before a load.
-
-    Without transformer-engine or apex, megatron-core 0.19.2 uses torch's Adam, whose state only
-    exists after a first step; DistributedOptimizer.state_dict() then asserts while building the
-    load template. The checkpoint overwrites all of it."""
-    for opt in _inner_adams(optimizer):
-        inner = opt.optimizer
-        opt.init_state_fn(inner, opt.config)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Set torch Adam's per-parameter "step" from the loaded param groups, one tensor each.
-
-    megatron-core 0.19.2 saves the step in the param groups, but on load it writes one shared tensor
-    into every parameter's state (Adam would then advance it once per parameter) and overwrites it
-    with the template's value while copying the parameter state back."""
-    for opt in _inner_adams(optimizer):
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            if "step" not in group:
-                raise CheckpointError("optimizer param groups in the checkpoint carry no step")
-            for p in group["params"]:
-                inner.state[p]["step"] = torch.tensor(float(group["step"]))
-
-
-def _config_dict(rt: Runtime) -> dict:
-    return dataclasses.asdict(rt.cfg)
-
-
-def save(rt: Runtime, *, optimizer, scheduler, iteration: int, consumed_samples: int) -> str:
-    cfg = rt.cfg.ckpt
-    start = time.perf_counter()
-    final = iteration_dir(cfg.save, iteration)
-    tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of this iteration left
-        os.makedirs(tmp)
-    dist.barrier()
-    state = _sharded_state(rt, optimizer, with_optim=not cfg.no_save_optim, with_rng=True,
-                           is_loading=False)
-    state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
-                 consumed_samples=consumed_samples, scheduler=scheduler.state_dict(),
-                 args=_config_dict(rt))
-    dist_checkpointing.save(state, tmp, validate_access_integrity=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
+    @staticmethod
+    def _publish(tmp: str, final: str, iteration: int) -> None:
+        root = os.path.dirname(final)
         old = final + ".old"
-        if os.path.exists(final):
+        if os.path.exists(final):  # the same iteration saved again (--allow-existing-save)
             os.replace(final, old)
         os.replace(tmp, final)
-        tracker_tmp = os.path.join(cfg.save, TRACKER + ".tmp")
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(cfg.save, TRACKER))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
         shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(final) for f in fs)
-        print(f"saved {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s",
-              flush=True)
-    return final
 
+    # ---- load -----------------------------------------------------------------------------
 
-def find_checkpoint(root: str) -> Optional[Tuple[int, str]]:
-    """(iteration, directory) of the latest complete checkpoint, or None if there is none yet."""
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.exists(tracker):
-        leftovers = [d for d in os.listdir(root) if d.startswith("iter_")] \
-            if os.path.isdir(root) else []
-        if leftovers:
-            raise CheckpointError(f"{tracker} is missing but {root} holds {sorted(leftovers)}")
-        return None
-    try:
-        with open(tracker) as f:
-            text = f.read().strip()
-    except OSError as err:
-        raise CheckpointError(f"cannot read {tracker}: {err}") from err
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker} should hold an iteration number, found {text!r}")
-    path = iteration_dir(root, int(text))
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{tracker} names iteration {text} but {path} does not exist")
-    if not _is_complete(path):
-        raise CheckpointError(f"{path} is incomplete (no metadata.json or .metadata)")
-    return int(text), path
+    def _verify(self, path: str) -> None:
+        """Every file against checksums.json, the files split over the ranks."""
+        failure = None
+        try:
+            manifest = read_manifest(path)
+            names = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
+            bad = damaged_files(path, manifest, names)
+            if bad:
+                failure = "; ".join(bad)
+        except CheckpointError as err:
+            failure = str(err)
+        failure = _agree(failure)
+        if failure is not None:
+            raise CheckpointError(f"{path} is damaged: {failure}")
 
-
-def _check_compatible(saved: dict, current: dict, prefix: str = "") -> list:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if name in RESHARDABLE:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _check_compatible(a, b, name + ".")
-        elif a != b and not (isinstance(a, (list, tuple)) and list(a) == list(b or [])):
-            diffs.append(f"{name}: checkpoint {a!r}, now {b!r}")
-    return diffs
-
-
-def load(rt: Runtime, *, optimizer, scheduler) -> Optional[Tuple[int, int]]:
-    """Restore from --load: (iteration, consumed samples), or None when there is no checkpoint."""
-    cfg = rt.cfg.ckpt
-    found = find_checkpoint(cfg.load)
-    if found is None:
-        if dist.get_rank() == 0:
-            print(f"no checkpoint in {cfg.load}: starting from iteration 0", flush=True)
-        return None
-    iteration, path = found
-    start = time.perf_counter()
-    common = dist_checkpointing.load_common_state_dict(path)
-    if common.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {common.get('checkpoint_version')!r}, "
-                              f"expected {CHECKPOINT_VERSION}")
-    current = _config_dict(rt)
-    diffs = _check_compatible(common["args"], current)
-    if diffs:
-        raise CheckpointError(f"{path} was written by an incompatible run:\n  " + "\n  ".join(diffs))
-    same_layout = common["args"]["grid"] == current["grid"]
-    with_optim = not (cfg.no_load_optim or cfg.finetune)
-    # RNG state is per rank position; it only means something on the layout that wrote it.
-    with_rng = not (cfg.no_load_rng or cfg.finetune) and same_layout
-    if with_optim:
-        _prime_optimizer_state(optimizer)
-    template = _sharded_state(rt, optimizer, with_optim=with_optim, with_rng=with_rng,
-                              is_loading=True)
-    state = read(template, path, "into this layout", strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    rt.model.load_state_dict(state["model"], strict=True)
-    # In fp32 the optimizer's main parameters are views of the model's leaf parameters.
-    with torch.no_grad():
+    def load(self) -> bool:
+        """Restore from --load; False when it holds no checkpoint yet (a fresh start)."""
+        cfg = self.rt.cfg
+        ck = cfg.ckpt
+        found = find_checkpoint(ck.load)
+        if found is None:
+            if dist.get_rank() == 0:
+                print(f"no checkpoint in {ck.load}: starting from iteration 0", flush=True)
+            return False
+        iteration, path = found
+        start = time.perf_counter()
+        self._verify(path)
+        common = read_common(path)
+        layout = same_layout(common["args"], dataclasses.asdict(cfg))
+        with_optim = not (ck.no_load_optim or ck.finetune)
+        # RNG state is per rank position; it only means something on the layout that wrote it.
+        with_per_rank = not (ck.no_load_rng or ck.finetune) and layout
+        adam = compat.torch_adam_checkpoint_load(self.optimizer) if with_optim \
+            else contextlib.nullcontext()
+        with adam:
+            template = self._sharded(with_optim=with_optim, per_rank=with_per_rank,
+                                     is_loading=True)
+            state = read(template, path, "into this layout", strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+            self.rt.model.load_state_dict(state["model"], strict=True)
+            if with_optim:
+                # A rank whose branch is frozen has no optimizer state; an empty section is not
+                # stored.
+                optimizer_state = state.get("optimizer", {})
+                compat.match_saved_param_groups(optimizer_state, lr=cfg.schedule.lr,
+                                                min_lr=cfg.schedule.min_lr)
+                with torch.no_grad():
+                    self.optimizer.load_state_dict(optimizer_state)
         if with_optim:
-            # A rank whose branch is frozen has no optimizer state, and an empty section is not stored.
-            optimizer.load_state_dict(state.get("optimizer", {}))
-            _restore_adam_steps(optimizer)
+            # Loaded param groups carry the checkpoint's Adam settings; this run's flags win.
+            o = cfg.optim
+            for group in self.optimizer.param_groups:
+                group.update(betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
         else:
-            optimizer.reload_model_params()
-    if with_rng:
-        _restore_rng(rt, state["rng"])
-    if cfg.finetune:
-        iteration, consumed = 0, 0
-    else:
-        consumed = common["consumed_samples"]
-        if not cfg.no_load_scheduler:
-            scheduler.load_state_dict(common["scheduler"])
-    if dist.get_rank() == 0:
-        print(f"loaded {path} (iteration {iteration}"
-              f"{'' if same_layout else ', resharded from another layout'}) in "
-              f"{time.perf_counter() - start:.2f} s", flush=True)
-    return iteration, consumed
+            with torch.no_grad():  # the fp32 main parameters follow the loaded weights
+                self.optimizer.reload_model_params()
+        if with_per_rank:
+            for key, obj in self.per_rank.items():
+                obj.load_state_dict(state[key])
+        if not ck.finetune:
+            for key, obj in self.common.items():
+                if key == "scheduler" and ck.no_load_scheduler:
+                    continue
+                if key == "scheduler" and ck.use_checkpoint_opt_param_scheduler:
+                    # megatron-core's scheduler state has no WSD fields; take them from the
+                    # checkpoint's configuration too.
+                    self.scheduler.wsd_decay_steps = common["args"]["schedule"]["wsd_decay_samples"]
+                    self.scheduler.lr_wsd_decay_style = common["args"]["schedule"]["wsd_decay_style"]
+                obj.load_state_dict(common[key])
+        # The schedule the resume policy chose (scheduler.max_lr/min_lr) drives every param
+        # group; re-apply LR and weight decay to the (possibly reloaded) groups.
+        for group in self.optimizer.param_groups:
+            group.update(max_lr=self.scheduler.max_lr, min_lr=self.scheduler.min_lr)
+        self.scheduler.step(increment=0)
+        if dist.get_rank() == 0:
+            print(f"loaded {path} (iteration {iteration}"
+                  f"{'' if layout else ', resharded from another layout'}"
+                  f"{', weights only' if ck.finetune else ''}) in "
+                  f"{time.perf_counter() - start:.2f} s", flush=True)
+        return True
+
+
+def _branch_template(rt: Runtime, name: str) -> dict:
+    """What this rank asks of a single-grid Megatron checkpoint of branch ``name`` (its keys
+    carry no MimoModel prefix); nothing off that branch."""
+    if name not in rt.branches:
+        return {}
+    module = unwrap_model(branch(rt.model, name))
+    pgc = rt.topology.module_pgc(name)
+    return module.sharded_state_dict(prefix="", metadata={"dp_cp_group": pgc.dp_cp})
+
+
+def resolve_pretrained(source: str) -> tuple:
+    """(directory to read, key prefix per branch or None): a hetero checkpoint root or
+    iteration directory of this trainer, or a plain single-grid dist-checkpoint."""
+    found = find_checkpoint(source) if os.path.isfile(os.path.join(source, TRACKER)) else None
+    path = found[1] if found else source
+    if not is_complete(path):
+        raise CheckpointError(f"{source} is not a complete dist-checkpoint")
+    try:
+        hetero = dist_checkpointing.load_common_state_dict(path).get("checkpoint_version") \
+            == CHECKPOINT_VERSION
+    except (Exception, CheckpointException):
+        hetero = False
+    return path, hetero
 
 
 def load_pretrained(rt: Runtime, *, optimizer, language_from: Optional[str],
                     vision_from: Optional[str]) -> None:
-    """Start a branch from a single-grid Megatron dist-checkpoint of that branch alone.
+    """Start a branch from pretrained weights: a single-grid Megatron dist-checkpoint of that
+    branch alone, or a checkpoint of this trainer (e.g. the previous training stage's).
 
     Every rank joins each load (dist_checkpointing coordinates over the world); ranks of the other
     branch ask for nothing. Keys must match exactly both ways; the distributed optimizer's fp32
     main parameters are then refreshed from the loaded weights."""
+    model_sd = None
     for name, source in ((LANGUAGE, language_from), (ENCODER_MODULE, vision_from)):
         if source is None:
             continue
-        module = None
-        template = {}
-        if name in rt.branches:
-            module = unwrap_model(branch(rt.model, name))
-            pgc = rt.topology.module_pgc(name)
-            template = module.sharded_state_dict(prefix="", metadata={"dp_cp_group": pgc.dp_cp})
-        if not _is_complete(source):
-            raise CheckpointError(f"{source} is not a complete dist-checkpoint")
-        state, missing, unexpected = read(template, source, f"into the {name} branch",
+        path, hetero = resolve_pretrained(source)
+        if hetero:
+            if model_sd is None:
+                model_sd = rt.model.sharded_state_dict()
+            prefix = "language_model." if name == LANGUAGE else f"modality_submodules.{name}."
+            template = {"model": {k: v for k, v in model_sd.items() if k.startswith(prefix)}} \
+                if name in rt.branches else {"model": {}}
+            owned = lambda k: k.startswith(prefix)  # noqa: E731
+        else:
+            template = _branch_template(rt, name)
+            owned = lambda k: True  # noqa: E731
+        state, missing, unexpected = read(template, path, f"into the {name} branch",
                                           strict=StrictHandling.RETURN_ALL)
         # dist_checkpointing's words: "unexpected" = the model has it, the checkpoint does not
         # (it would stay randomly initialised); "missing" = the checkpoint has it, no rank asked.
         problems = [f"not in checkpoint: {k}" for k in sorted(unexpected)
                     if not k.endswith("_extra_state")]
-        problems += [f"not in model: {k}" for k in sorted(missing) if not k.endswith("_extra_state")]
-        # Counted over all ranks, so every rank raises together.
-        flags = torch.tensor([len(problems)], device=rt.device)
-        dist.all_reduce(flags)
-        if flags.item():
-            raise CheckpointError(f"{source} does not match the {name} branch: {problems[:20]}")
-        if module is not None:
-            module.load_state_dict(state, strict=True)
+        problems += [f"not in model: {k}" for k in sorted(missing)
+                     if owned(k) and not k.endswith("_extra_state")]
+        failure = _agree(f"{source} does not match the {name} branch: {problems[:20]}"
+                         if problems else None)
+        if failure is not None:
+            raise CheckpointError(failure)
+        if name in rt.branches:
+            if hetero:
+                rt.model.load_state_dict(state["model"], strict=False)
+            else:
+                unwrap_model(branch(rt.model, name)).load_state_dict(state, strict=True)
     with torch.no_grad():
         optimizer.reload_model_params()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from examples.mimo.data import DATA_PROVIDERS
-from examples.mimo.model_providers import MODEL_PROVIDERS, ModelFacts
+from examples.mimo.interfaces import ModelFacts
+from examples.mimo.model_providers import MODEL_PROVIDERS
 
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -75,6 +77,7 @@ class OptimConfig:
     adam_beta1: float
     adam_beta2: float
     adam_eps: float
+    max_consecutive_skipped_iters: int  # 0: never stop
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class RuntimeConfig:
     bf16: bool
     seed: int
     distributed_timeout_minutes: float
+    dry_run: bool
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class CheckpointConfig:
     finetune: bool
     load_language_from: Optional[str]
     load_vision_from: Optional[str]
+    allow_existing_save: bool
+    override_opt_param_scheduler: bool
+    use_checkpoint_opt_param_scheduler: bool
 
 
 @dataclass(frozen=True)
@@ -128,10 +135,19 @@ class TrainConfig:
     data: object  # the data provider's own frozen config
 
 
+class _Parser(argparse.ArgumentParser):
+    """Unknown or malformed flags raise ValueError like every other configuration error (the
+    entrypoint prints one line), instead of printing the whole usage on every rank."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Heterogeneous-parallel MIMO training: encoder and LLM on disjoint grids.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --train-iter must not silently mean --train-iters
     )
     g = p.add_argument_group("hetero grids")
     g.add_argument("--encoder-tp", type=int, default=1, help="Encoder tensor-parallel size.")
@@ -169,6 +185,9 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     t.add_argument("--adam-beta1", type=float, default=0.9)
     t.add_argument("--adam-beta2", type=float, default=0.999)
     t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--max-consecutive-skipped-iters", type=int, default=10,
+                   help="Stop with an error after this many iterations in a row were skipped for "
+                        "non-finite gradients (a diverging run); 0 never stops.")
 
     d = p.add_argument_group("distributed data parallel")
     d.add_argument("--overlap-grad-reduce", action="store_true",
@@ -183,6 +202,9 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     r.add_argument("--seed", type=int, default=1234)
     r.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="Collective timeout; a stuck job ends within it.")
+    r.add_argument("--dry-run", action="store_true",
+                   help="Validate, print the resolved layout (grids, lanes, micro-batches, "
+                        "parameters per branch) and exit; WORLD_SIZE gives the world size.")
 
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=1)
@@ -192,7 +214,8 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     c = p.add_argument_group("checkpointing")
     c.add_argument("--save", default=None, help="Directory for checkpoints (iter_NNNNNNN/).")
     c.add_argument("--load", default=None,
-                   help="Resume from the latest checkpoint here; an empty or missing directory starts fresh.")
+                   help="Resume from the latest checkpoint here. An empty directory starts fresh; "
+                        "a missing one only when it is also --save (auto-resume).")
     c.add_argument("--save-interval", type=int, default=None, help="Iterations between saves.")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="Stop (after saving, with --save) once the iteration is a multiple of this.")
@@ -206,6 +229,13 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
                    help="Single-grid Megatron dist-checkpoint of the language model to start from.")
     c.add_argument("--load-vision-from", default=None,
                    help="Single-grid Megatron dist-checkpoint of the vision encoder to start from.")
+    c.add_argument("--allow-existing-save", action="store_true",
+                   help="Let --save be a directory holding checkpoints this run does not resume "
+                        "(or the one --finetune loads from); its tracker will move to this run's.")
+    c.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="On resume, use this run's LR/WD schedule flags, not the checkpoint's.")
+    c.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="On resume, keep the checkpoint's LR/WD schedule, whatever the flags say.")
 
     pr = p.add_argument_group("providers")
     pr.add_argument("--model-provider", default=model_provider, help=f"One of {sorted(MODEL_PROVIDERS)}.")
@@ -223,7 +253,7 @@ def lookup(flag: str, registry: dict, name: str):
 
 def parse_config(argv: Sequence[str], world_size: int) -> TrainConfig:
     """Parse and validate; raises ValueError naming the offending flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--model-provider", default="mock")
     pre.add_argument("--data-provider", default="mock")
     names, _ = pre.parse_known_args(argv)
@@ -251,7 +281,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
                            fan_in=not grid.llm_only and grid.encoder_dp > grid.llm_dp)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
-                            distributed_timeout_minutes=args.distributed_timeout_minutes)
+                            distributed_timeout_minutes=args.distributed_timeout_minutes,
+                            dry_run=args.dry_run)
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs --device cuda (gloo on CPU runs fp32)")
     if args.distributed_timeout_minutes <= 0:
@@ -262,13 +293,17 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
     if args.clip_grad < 0:
         raise ValueError(f"--clip-grad {args.clip_grad} must be >= 0")
+    if args.max_consecutive_skipped_iters < 0:
+        raise ValueError(f"--max-consecutive-skipped-iters {args.max_consecutive_skipped_iters} "
+                         f"must be >= 0")
     ckpt = build_checkpoint_config(args)
     return TrainConfig(
         grid=grid,
         batch=batch,
         schedule=build_schedule(args, batch.global_batch_size),
         optim=OptimConfig(clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
-                          adam_beta2=args.adam_beta2, adam_eps=args.adam_eps),
+                          adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                          max_consecutive_skipped_iters=args.max_consecutive_skipped_iters),
         ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
         runtime=runtime,
         log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file),
@@ -408,14 +443,54 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     load_flags = [f for f, v in (("--no-load-optim", args.no_load_optim),
                                  ("--no-load-rng", args.no_load_rng),
                                  ("--no-load-scheduler", args.no_load_scheduler),
-                                 ("--finetune", args.finetune)) if v]
+                                 ("--finetune", args.finetune),
+                                 ("--override-opt_param-scheduler", args.override_opt_param_scheduler),
+                                 ("--use-checkpoint-opt_param-scheduler",
+                                  args.use_checkpoint_opt_param_scheduler)) if v]
     if load_flags and args.load is None:
         raise ValueError(f"{', '.join(load_flags)} need --load")
     if args.llm_only and args.load_vision_from is not None:
         raise ValueError("--load-vision-from has no encoder to load into with --llm-only")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                         "exclude each other")
+    if args.allow_existing_save and args.save is None:
+        raise ValueError("--allow-existing-save needs --save")
     return CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval,
         exit_interval=args.exit_interval, no_save_optim=args.no_save_optim,
         no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
         no_load_scheduler=args.no_load_scheduler, finetune=args.finetune,
-        load_language_from=args.load_language_from, load_vision_from=args.load_vision_from)
+        load_language_from=args.load_language_from, load_vision_from=args.load_vision_from,
+        allow_existing_save=args.allow_existing_save,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+
+
+def describe(cfg: TrainConfig, facts: ModelFacts) -> str:
+    """The resolved layout, for --dry-run: ranks of each grid, lanes, micro-batches, parameters."""
+    g, b = cfg.grid, cfg.batch
+    lines = [f"world size {g.world_size}"]
+    if not g.llm_only:
+        lines.append(f"  encoder grid: ranks 0-{g.encoder_size - 1}, tp {g.encoder_tp} x dp "
+                     f"{g.encoder_dp}")
+    lines.append(f"  LLM grid: ranks {g.encoder_size}-{g.world_size - 1}, tp {g.llm_tp} x pp "
+                 f"{g.llm_pp} x dp {g.llm_dp}; experts: ep {g.llm_ep} x expt-tp {g.llm_expt_tp} "
+                 f"x expt-dp {g.llm_expt_dp}")
+    lines.append(f"batch: global {b.global_batch_size} = micro-batch {b.micro_batch_size} x "
+                 f"{g.llm_dp} lanes (LLM DP) x {b.num_microbatches} micro-batches; seq "
+                 f"{b.seq_length}")
+    if not g.llm_only:
+        per_rank = b.micro_batch_size * g.llm_dp // g.encoder_dp
+        kind = ("fan-out" if g.encoder_dp < g.llm_dp else "one-to-one" if g.encoder_dp == g.llm_dp
+                else "fan-in")
+        lines.append(f"  each encoder DP rank encodes the images of {per_rank} samples per "
+                     f"micro-batch: {Fraction(g.llm_dp, g.encoder_dp)} lane(s), {kind}")
+        lines.append(f"parameters: encoder {facts.encoder_params:,} (ViT + projector), LLM "
+                     f"{facts.llm_params:,}")
+    else:
+        lines.append(f"parameters: LLM {facts.llm_params:,}")
+    s = cfg.schedule
+    lines.append(f"training: {s.train_iters} iterations, {s.train_iters * b.global_batch_size} "
+                 f"samples, {cfg.model_provider} model, {cfg.data_provider} data")
+    return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 megatron-core assumes CUDA in a few places on the hetero path. On ``--device cpu`` the patches
 below redirect exactly those places so the real grids, bridge, 1F1B schedule, DDP and optimizer run
-on gloo. They are applied only in CPU mode, only once, and live in this module alone.
+on gloo. They are applied only in CPU mode, only once, and live in this module alone. Where a
+narrower substitution works (a module's own ``torch``) it is used; each process-wide patch says
+why none does. Workarounds of megatron-core that CUDA runs need too are in compat.py.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ def resolve_device(requested: str) -> str:
 
 def init_distributed(device: str, timeout_minutes: float) -> torch.device:
     """Start the default group (torchrun env) and return this rank's device."""
-    from megatron.core import parallel_state
-
     timeout = timedelta(minutes=timeout_minutes)
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,8 +40,6 @@ def init_distributed(device: str, timeout_minutes: float) -> torch.device:
         enable_cpu_emulation()
         dist.init_process_group("gloo", timeout=timeout)
         dev = torch.device("cpu")
-    # Local (non-TE) attention takes its scratch buffers from megatron's global memory buffer.
-    parallel_state._set_global_memory_buffer()
     return dev
 
 
@@ -60,15 +58,20 @@ def enable_cpu_emulation() -> None:
         return
     _CPU_PATCHED = True
 
-    # Many allocations use device=torch.cuda.current_device(); "cpu" is a valid device argument.
+    # Process-wide: dozens of megatron-core modules (layers, buffers, optimizers, schedules)
+    # allocate with device=torch.cuda.current_device(); "cpu" is a valid device argument.
     torch.cuda.current_device = lambda: "cpu"
-    # DDP's grad sync orders its collectives against the current CUDA stream; CPU work is
-    # already in program order, so a stream that never waits is exact.
+    # Process-wide: DDP's grad sync and the schedule order collectives against the current CUDA
+    # stream from several modules; CPU work is already in program order, so a stream that never
+    # waits is exact.
     torch.cuda.current_stream = lambda device=None: _NullStream()
-    # The MoE alltoall dispatcher copies routing counts to the host on a side stream.
+    # Process-wide: the MoE alltoall dispatcher copies routing counts to the host on a side
+    # stream, through torch.cuda attributes that a module-local torch would not cover.
     torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
-    torch.cuda.synchronize = lambda device=None: None  # the checkpoint writer syncs before copying
+    # Process-wide: dist_checkpointing's writer (a torch module, not megatron's) syncs before
+    # copying tensors to the host.
+    torch.cuda.synchronize = lambda device=None: None
 
     # Literal device="cuda" in the schedule (token counter), the optimizers (found-inf and overflow
     # flags, grad-norm and clipping scratch, the pure-torch multi-tensor L2 norm), MimoOptimizer (world-wide flags), the causal-mask
@@ -87,8 +90,8 @@ def enable_cpu_emulation() -> None:
                    transformer_utils, buffers, core_utils):
         module.torch = _CpuTorch()
 
-    # The optimizers accept parameters and grads only if .type() names a torch.cuda tensor type;
-    # CPU tensors answer with the matching CUDA name when asked for their type name.
+    # Process-wide (a tensor method): the optimizers accept parameters and grads only if .type()
+    # names a torch.cuda tensor type; CPU tensors answer with the matching CUDA name when asked.
     tensor_type = torch.Tensor.type
 
     def cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
@@ -97,29 +100,13 @@ def enable_cpu_emulation() -> None:
         return tensor_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = cuda_type_name
-    # The distributed optimizer moves its checkpoint gather buffers with .cuda(); stay on the CPU.
+    # Process-wide (a tensor method): the distributed optimizer moves its checkpoint gather
+    # buffers with .cuda(); stay on the CPU.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
-    # The bridge hard-codes backend="nccl" for its own groups; gloo is the CPU equivalent.
-    from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
-
-    def broadcast_pg(cls, ranks_list):
-        key = str(sorted(tuple(r) for r in ranks_list))
-        if key not in cls._broadcast_pg_cache:
-            cls._broadcast_pg_cache[key], _ = dist.new_subgroups_by_enumeration(ranks_list, backend="gloo")
-        return cls._broadcast_pg_cache[key]
-
-    def bridge_pg(cls, ranks):
-        key = str(sorted(ranks))
-        if key not in cls._bridge_pg_cache:
-            cls._bridge_pg_cache[key] = dist.new_group(ranks, backend="gloo")
-        return cls._bridge_pg_cache[key]
-
-    BridgeCommunicator._get_or_create_broadcast_pg = classmethod(broadcast_pg)
-    BridgeCommunicator._get_or_create_bridge_pg = classmethod(bridge_pg)
-
-    # The CUDA RNG tracker forks CUDA generator state around dropout and TP init; on CPU there is
-    # no such state, and our CPU runs use no dropout, so a fork is a plain context.
+    # Process-wide (megatron's global tracker): it forks CUDA generator state around dropout and
+    # TP init; on CPU there is no such state, and our CPU runs use no dropout, so a fork is a
+    # plain context.
     from megatron.core.tensor_parallel import random as mp_random
 
     class _CpuRngTracker(mp_random.CudaRNGStatesTracker):

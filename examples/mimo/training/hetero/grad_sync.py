@@ -14,13 +14,20 @@ skip decision before the optimizer runs.
 
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
+
+
+@dataclass(frozen=True)
+class GradStats:
+    global_tokens: int  # loss tokens of the whole global batch
+    found_nonfinite: bool  # on any rank: every rank skips the optimizer step together
 
 
 class GradSync:
@@ -33,21 +40,27 @@ class GradSync:
         # One rank per lane reports its tokens: last LLM stage, TP rank 0.
         self._reports_tokens = (llm is not None and llm.pp.rank() == llm.pp.size() - 1
                                 and llm.tp.rank() == 0)
-        self.global_tokens = 0
-        self.found_nonfinite = False
 
-    def __call__(self, model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    def finalize(self, model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        """The schedule's ``finalize_model_grads_func``: each branch's DP reduction on its own
+        groups (the schedule's token count is not used: ``normalize`` divides globally)."""
         for name, ddp in self.branches.items():
             finalize_model_grads([ddp], num_tokens=None, pg_collection=self.topology.module_pgc(name),
                                  force_all_reduce=force_all_reduce)
-        local_tokens = float(num_tokens) if self._reports_tokens and num_tokens is not None else 0.0
+
+    def normalize(self, local_tokens: Optional[torch.Tensor]) -> GradStats:
+        """After the schedule: one world all-reduce of (tokens, non-finite flag), then every
+        branch's gradients are divided by the global token count. ``local_tokens`` is what this
+        rank's loss function counted (None off the last LLM stage)."""
         nonfinite = any(not bool(torch.isfinite(buf.grad_data).all())
                         for ddp in self.branches.values()
                         for buf in ddp.buffers + ddp.expert_parallel_buffers)
-        stats = torch.tensor([local_tokens, float(nonfinite)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats)
-        self.global_tokens = int(stats[0].item())
-        self.found_nonfinite = bool(stats[1].item() > 0)
-        scale = 1.0 / max(self.global_tokens, 1)
+        stats = torch.tensor([0.0, float(nonfinite)], dtype=torch.float64, device=self.device)
+        if self._reports_tokens and local_tokens is not None:
+            stats[0] = local_tokens
+        dist.all_reduce(stats)  # one host sync per step, for the skip decision and the divisor
+        result = GradStats(global_tokens=int(stats[0].item()), found_nonfinite=bool(stats[1].item() > 0))
+        scale = 1.0 / max(result.global_tokens, 1)
         for ddp in self.branches.values():
             ddp.scale_gradients(scale)
+        return result

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from examples.mimo.training.hetero.state import TrainState
 from examples.mimo.training.hetero.step import StepResult
 
 
@@ -20,13 +21,12 @@ class IntervalLogger:
         self.global_batch = global_batch
         self.tokens_per_iter = global_batch * seq_length
         self.world_size = world_size
-        self.skipped = 0
         self._metrics = open(metrics_file, "a") if enabled and metrics_file else None
         self._t0 = time.perf_counter()
         self._iters_in_interval = 0
 
-    def record(self, iteration: int, result: StepResult) -> None:
-        self.skipped += int(result.skipped)
+    def record(self, state: TrainState, result: StepResult) -> None:
+        iteration = state.iteration
         self._iters_in_interval += 1
         if not self.enabled:
             return
@@ -35,7 +35,8 @@ class IntervalLogger:
                 "iteration": iteration, "lm_loss": result.lm_loss, "grad_norm": result.grad_norm,
                 "learning_rate": result.learning_rate, "skipped": result.skipped,
                 "loss_tokens": result.loss_tokens, **result.moe_losses,
-                "consumed_samples": iteration * self.global_batch}) + "\n")
+                "consumed_samples": state.consumed_samples,
+                "skipped_iterations": state.skipped_iterations}) + "\n")
             self._metrics.flush()
         if iteration % self.interval and iteration != self.total_iters:
             return
@@ -45,13 +46,13 @@ class IntervalLogger:
         grad_norm = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
         moe = "".join(f" {name}: {value:.6E} |" for name, value in result.moe_losses.items())
         print(f" iteration {iteration:8d}/{self.total_iters:8d} |"
-              f" consumed samples: {iteration * self.global_batch:12d} |"
+              f" consumed samples: {state.consumed_samples:12d} |"
               f" elapsed time per iteration (ms): {ms:.1f} |"
               f" learning rate: {result.learning_rate:.6E} |"
               f" global batch size: {self.global_batch:5d} |"
               f" lm loss: {result.lm_loss:.6E} |{moe}"
               f" grad norm: {grad_norm} |"
-              f" number of skipped iterations: {self.skipped:3d} |"
+              f" number of skipped iterations: {state.skipped_iterations:3d} |"
               f" tokens/s/GPU: {self.tokens_per_iter / self.world_size / (ms / 1000.0):.1f}",
               flush=True)
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import types
-
 import torch
 import torch.distributed as dist
 from megatron.core.models.mimo.optimizer import MimoOptimizer, ModuleOptimizerInfo
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import TrainConfig
 from examples.mimo.training.hetero.runtime import Runtime, branch
 
 
 def build_optimizer(rt: Runtime) -> MimoOptimizer:
     """Like megatron-core's get_mimo_optimizer, but a branch frozen on all of its ranks gets no
-    optimizer: 0.19.2 would build an empty DistributedOptimizer for it."""
+    optimizer (0.19.2 would build an empty DistributedOptimizer for it), and the param-group
+    alignment stays within each branch (compat.param_groups_within)."""
     cfg = rt.cfg
     config = OptimizerConfig(
         optimizer="adam", lr=cfg.schedule.lr, min_lr=cfg.schedule.min_lr,
@@ -40,7 +39,7 @@ def build_optimizer(rt: Runtime) -> MimoOptimizer:
         optimizer = None
         if active and trainable[i] > 0:
             pgc = rt.topology.module_pgc(name)
-            with _param_group_alignment_within(pgc.intra_dist_opt):
+            with compat.param_groups_within(pgc.intra_dist_opt):
                 optimizer = get_megatron_optimizer(
                     config=config, model_chunks=[branch(rt.model, name)], pg_collection=pgc,
                     use_gloo_process_groups=False)
@@ -62,34 +61,13 @@ def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
         lr_decay_style=s.decay_style,
         start_wd=s.weight_decay,
         end_wd=s.weight_decay,
-        wd_incr_steps=s.train_iters * cfg.batch.global_batch_size,
+        # Weight decay is constant, so this length has no effect; tied to the decay length (not
+        # --train-iters, as Megatron does) so that extending a run changes no scheduler field.
+        wd_incr_steps=s.decay_samples,
         wd_incr_style="constant",
         wsd_decay_steps=s.wsd_decay_samples,
         lr_wsd_decay_style=s.wsd_decay_style,
+        # Megatron-LM's resume semantics (ckpt_policy.resume_problems refuses a silent change).
+        override_opt_param_scheduler=cfg.ckpt.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=cfg.ckpt.use_checkpoint_opt_param_scheduler,
     )
-
-
-@contextlib.contextmanager
-def _param_group_alignment_within(group):
-    """megatron-core 0.19.2 aligns param-group keys with an all_gather_object over the WORLD.
-    On disjoint grids that mixes the two branches' keys, and hangs when a frozen branch builds no
-    optimizer; scope that gather (its only use of the world size) to the branch's own ranks."""
-    import megatron.core.optimizer as megatron_optimizer
-
-    scoped_dist = types.SimpleNamespace(
-        get_world_size=lambda group_=None: dist.get_world_size(group_ or group),
-        all_gather_object=lambda out, obj, group_=None: dist.all_gather_object(out, obj,
-                                                                                group_ or group))
-
-    class _ScopedTorch(types.ModuleType):
-        distributed = scoped_dist
-
-        def __getattr__(self, name):
-            return getattr(real_torch, name)
-
-    real_torch = megatron_optimizer.torch
-    megatron_optimizer.torch = _ScopedTorch("torch")
-    try:
-        yield
-    finally:
-        megatron_optimizer.torch = real_torch

@@ -9,7 +9,10 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from examples.mimo.data import DATA_PROVIDERS
+from examples.mimo.interfaces import DataProvider, ModelFacts, ModelProvider
 from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import TrainConfig
 from examples.mimo.training.hetero.device import init_distributed, resolve_device, seed_all
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
@@ -23,6 +26,9 @@ class Runtime:
     branches: Dict[str, torch.nn.Module]  # this rank's DDP branches, by module name
     device: torch.device
     dtype: torch.dtype
+    model_provider: ModelProvider
+    data_provider: DataProvider
+    facts: ModelFacts
 
     @property
     def is_logging_rank(self) -> bool:
@@ -45,19 +51,21 @@ def branch(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def build_runtime(cfg: TrainConfig) -> Runtime:
+    provider = MODEL_PROVIDERS[cfg.model_provider]
+    facts = provider.facts(cfg.model)
     kind = resolve_device(cfg.runtime.device)
     if cfg.runtime.bf16 and kind != "cuda":
         raise ValueError(f"--bf16 needs CUDA, but --device {cfg.runtime.device} resolved to {kind}")
     dtype = torch.bfloat16 if cfg.runtime.bf16 else torch.float32
+    timeout = timedelta(minutes=cfg.runtime.distributed_timeout_minutes)
     device = init_distributed(kind, cfg.runtime.distributed_timeout_minutes)
-    topology = Topology(cfg.grid, timeout=timedelta(minutes=cfg.runtime.distributed_timeout_minutes),
-                        pipeline_dtype=dtype)
+    compat.apply_startup(backend=dist.get_backend(), timeout=timeout, mamba=facts.uses_mamba)
+    topology = Topology(cfg.grid, timeout=timeout, pipeline_dtype=dtype)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     own = topology.module_pgc(topology.module_name)
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
              etp_rank=own.expt_tp.rank())
-    provider = MODEL_PROVIDERS[cfg.model_provider]
     model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length,
                            device=device)
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
@@ -85,4 +93,5 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
             model.modality_submodules[name] = wrapped
         branches[name] = wrapped
     return Runtime(cfg=cfg, topology=topology, model=model, branches=branches, device=device,
-                   dtype=dtype)
+                   dtype=dtype, model_provider=provider,
+                   data_provider=DATA_PROVIDERS[cfg.data_provider], facts=facts)

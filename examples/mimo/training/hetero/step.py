@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
 
-from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.grad_sync import GradSync
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.topology import LANGUAGE
@@ -41,7 +41,7 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
 
 def configure_schedule(rt: Runtime, grad_sync: GradSync) -> None:
     config = rt.model.config
-    config.finalize_model_grads_func = grad_sync
+    config.finalize_model_grads_func = grad_sync.finalize
     config.no_sync_func = rt.model.no_sync
 
 
@@ -61,48 +61,37 @@ def train_step(*, rt: Runtime, optimizer, scheduler, grad_sync: GradSync,
         p2p_communicator=rt.topology.communicator,
         pg_collection=rt.topology.schedule_pgc,
     )
-    if grad_sync.found_nonfinite:
+    totals = torch.stack([d["lm loss"] for d in store]).sum(0) if store else None
+    stats = grad_sync.normalize(None if totals is None else totals[1])
+    if stats.found_nonfinite:
         skipped, grad_norm = True, None
     else:
         success, grad_norm, _ = optimizer.step()
         skipped = not success
-    scheduler.step(increment=cfg.batch.global_batch_size)
-    return StepResult(lm_loss=_global_loss(rt, store), loss_tokens=grad_sync.global_tokens,
+    # As Megatron's train_step: the LR schedule advances only with an applied update, so a skipped
+    # iteration leaves the learning rate where it was (consumed samples still advance, loop.py).
+    if not skipped:
+        scheduler.step(increment=cfg.batch.global_batch_size)
+    return StepResult(lm_loss=_global_loss(rt, totals), loss_tokens=stats.global_tokens,
                       grad_norm=grad_norm, skipped=skipped, learning_rate=learning_rate,
                       moe_losses=_moe_losses(rt))
 
 
-def _global_loss(rt: Runtime, store: list) -> Optional[float]:
+def _global_loss(rt: Runtime, totals: Optional[torch.Tensor]) -> Optional[float]:
     llm = rt.topology.module_pgc(LANGUAGE)
-    if llm is None or llm.pp.rank() != llm.pp.size() - 1:
+    if totals is None or llm is None or llm.pp.rank() != llm.pp.size() - 1:
         return None
-    totals = torch.stack([d["lm loss"] for d in store]).sum(0)
     dist.all_reduce(totals, group=llm.dp)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def _moe_losses(rt: Runtime) -> Dict[str, float]:
-    """Reduce what megatron-core's MoE routers recorded this step, then reset the tracker.
-
-    Every LLM rank takes part, also pipeline stages without MoE layers (zeros of the same size),
-    so the reductions line up; the tracker is megatron-core's process-wide one.
-    """
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-    tracker = get_moe_metrics_tracker()
+    """Per MoE layer and micro-batch, averaged over the LLM's DP ranks (Megatron's definition)."""
     llm = rt.topology.module_pgc(LANGUAGE)
-    facts = MODEL_PROVIDERS[rt.cfg.model_provider].facts(rt.cfg.model)
-    losses = {}
-    if llm is not None:
-        for name in facts.moe_aux_losses:
-            tracker.ensure_initialized(name, facts.llm_num_layers, device=rt.device)
-            entry = tracker.metrics[name]
-            values = entry.values
-            dist.all_reduce(values, group=llm.pp)
-            if entry.reduce_group is not None:
-                dist.all_reduce(values, group=entry.reduce_group)
-            dist.all_reduce(values, group=llm.dp)
-            losses[name] = values.sum().item() / (
-                llm.dp.size() * rt.cfg.batch.num_microbatches * facts.llm_moe_layers)
-    tracker.clear()
-    return losses
+    facts = rt.facts
+    if llm is None or not facts.moe_aux_losses:
+        return {}
+    totals = compat.reduce_moe_metrics(names=facts.moe_aux_losses, num_layers=facts.llm_num_layers,
+                                       pp=llm.pp, dp=llm.dp, device=rt.device)
+    per = llm.dp.size() * rt.cfg.batch.num_microbatches * facts.llm_moe_layers
+    return {name: total.item() / per for name, total in totals.items()}

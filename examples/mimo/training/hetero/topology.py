@@ -22,7 +22,7 @@ from megatron.core.process_groups_config import (
     ProcessGroupCollection,
 )
 
-from examples.mimo.model_providers import ENCODER_MODULE
+from examples.mimo.interfaces import ENCODER_MODULE
 from examples.mimo.training.hetero.config import GridConfig
 
 LANGUAGE = MIMO_LANGUAGE_MODULE_KEY

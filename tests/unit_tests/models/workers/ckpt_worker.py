@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from examples.mimo import train_hetero
 from examples.mimo.model_providers.mock import language_spec
-from examples.mimo.training.hetero import checkpointing
+from examples.mimo.training.hetero import checkpointing, compat
 from examples.mimo.training.hetero.config import GridConfig, parse_config
 from examples.mimo.training.hetero.device import init_distributed
 from examples.mimo.training.hetero.optim import build_optimizer
@@ -95,6 +95,7 @@ class Payload:
 
 def payload(path: str, marker: str):
     init_distributed("cpu", 1)
+    compat.refuse_pickled_checkpoint_objects()  # what the trainer applies at start-up
     os.makedirs(path)
     dist_checkpointing.save({"rng": ShardedObject("rng", Payload(marker), (1,), (0,), replica_id=0)},
                             path)

@@ -14,6 +14,7 @@ import torch
 
 from examples.mimo.model_providers import common
 from examples.mimo.model_providers import nemotron_moe_vlm as provider
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.device import init_distributed, seed_all
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
@@ -24,6 +25,9 @@ def main(out_dir, argv):
                         *argv],
                        world_size=int(os.environ["WORLD_SIZE"]))
     init_distributed("cpu", 1.0)
+    # As the trainer's start-up does for Mamba models: without it MambaMixer cannot be built.
+    if provider.facts(cfg.model).uses_mamba:
+        compat.import_mamba_triton_kernels()
     topology = Topology(cfg.grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     own = topology.module_pgc(topology.module_name)
     seed_all(0, device="cpu", tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),

@@ -13,6 +13,7 @@ import torch
 
 from examples.mimo.model_providers import nemotron_moe_vlm as provider
 from examples.mimo.model_providers.radio_encoder import RadioEncoder, patchify
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.device import init_distributed, seed_all
 from examples.mimo.training.hetero.topology import Topology
@@ -30,6 +31,7 @@ def main(out_dir):
     cfg = parse_config(["--model-provider", provider.NAME, "--model-preset", "tiny-cpu",
                         "--device", "cpu", "--train-iters", "1", "--llm-only"], world_size=1)
     init_distributed("cpu", 1.0)
+    compat.global_memory_buffer()  # local attention's scratch buffers, as at start-up
     topology = Topology(cfg.grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     pgc = topology.module_pgc(topology.module_name)
     seed_all(0, device="cpu", tp_rank=0, ep_rank=0, etp_rank=0)

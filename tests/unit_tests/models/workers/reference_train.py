@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import build_module
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.model_providers import MODEL_PROVIDERS
 from examples.mimo.model_providers.mock import VIT_ENCODER, encoder_spec, language_spec
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import GridConfig, parse_config
 from examples.mimo.training.hetero.device import init_distributed
 from examples.mimo.training.hetero.optim import build_scheduler
@@ -35,6 +36,7 @@ def param_groups(modules, weight_decay):
 def main(world_size: int, metrics_path: str, argv):
     cfg = parse_config(argv, world_size=world_size)
     init_distributed("cpu", 1)
+    compat.global_memory_buffer()  # local attention's scratch buffers, as at start-up
     single = GridConfig(encoder_tp=1, encoder_dp=1, llm_tp=1, llm_pp=1, llm_dp=1, llm_ep=1,
                         llm_expt_tp=1, llm_only=True)
     topo = Topology(single, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)

@@ -8,7 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from examples.mimo.model_providers import ENCODER_MODULE
+from examples.mimo.interfaces import ENCODER_MODULE
+from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import GridConfig
 from examples.mimo.training.hetero.device import init_distributed
 from examples.mimo.training.hetero.topology import REQUIRED_GROUPS, Topology
@@ -20,6 +21,7 @@ def main(out_dir: str, encoder_tp, encoder_dp, llm_tp, llm_pp, llm_dp, llm_ep, l
     grid = GridConfig(encoder_tp=encoder_tp, encoder_dp=encoder_dp, llm_tp=llm_tp, llm_pp=llm_pp,
                       llm_dp=llm_dp, llm_ep=llm_ep, llm_expt_tp=llm_tp, llm_only=bool(llm_only))
     init_distributed("cpu", 1)
+    compat.bridge_groups(backend="gloo", timeout=timedelta(minutes=1))
     topo = Topology(grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     rank = dist.get_rank()
     pgc = topo.module_pgc(topo.module_name)

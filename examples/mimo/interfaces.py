@@ -1,0 +1,87 @@
+"""The contracts between the training loop and its providers: exactly what the loop may call.
+
+A model provider owns its flags, its frozen config and how it builds this rank's part of the
+MimoModel; a data provider owns its flags and turns sample indices into samples. Both are resolved
+once at start-up (``Runtime.model_provider`` / ``Runtime.data_provider``); nothing else looks them
+up by name. The registries (``MODEL_PROVIDERS``, ``DATA_PROVIDERS``) hold modules that satisfy these
+protocols, and a test checks each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Protocol, Tuple, runtime_checkable
+
+import torch
+
+# The modality key of the vision branch, shared by providers, data and the topology.
+ENCODER_MODULE = "images"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validation and the loop need to know about a model, before anything is built."""
+
+    llm_num_layers: int
+    llm_num_heads: int
+    llm_num_query_groups: int
+    encoder_num_heads: int
+    num_experts: int  # 0 for a dense LLM
+    llm_moe_layers: int  # layers whose MLP is a MoE; 0 for a dense LLM
+    moe_aux_losses: Tuple[str, ...] = ()  # names megatron's MoE metrics tracker records them by
+    uses_mamba: bool = False  # needs mamba-ssm's Triton kernels (see compat.import_mamba_triton_kernels)
+    encoder_params: int = 0  # parameters of the encoder branch (ViT + projector), all ranks together
+    llm_params: int = 0  # parameters of the language model, all ranks together
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data provider needs to know about a model to produce its samples."""
+
+    vocab_size: int
+    image_token_id: int
+    image_tokens: int  # placeholder tokens per image
+    image_shape: Tuple[int, int, int]  # C, H, W
+
+
+@runtime_checkable
+class ModelProvider(Protocol):
+    NAME: str
+    VIT_ENCODER: str  # the encoder's name inside the vision submodule (its input key)
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def config_from_args(self, args: argparse.Namespace) -> object:
+        """The provider's frozen config; raises ValueError naming the flag on bad values."""
+
+    def facts(self, cfg) -> ModelFacts: ...
+
+    def data_spec(self, cfg) -> DataSpec: ...
+
+    def build(self, cfg, *, topology, dtype: torch.dtype, seq_length: int,
+              device: torch.device) -> torch.nn.Module:
+        """This rank's part of the MimoModel, unwrapped, with frozen parts frozen."""
+
+    def module_config(self, module: torch.nn.Module) -> object:
+        """The TransformerConfig that DDP uses for a built branch."""
+
+    def checkpoint_must_match(self, cfg) -> dict:
+        """The fields of ``cfg`` a checkpoint's weights depend on (shapes, layer kinds): a resume
+        or pretrained load with any of them changed is refused. Freezing is not among them."""
+
+
+@runtime_checkable
+class DataProvider(Protocol):
+    NAME: str
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def config_from_args(self, args: argparse.Namespace) -> object: ...
+
+    def validate(self, cfg, spec: DataSpec, seq_length: int, *, fan_in: bool) -> None:
+        """Raises ValueError naming the flag when the data cannot feed this model and layout."""
+
+    def make_sample(self, index: int, *, cfg, spec: DataSpec, seq_length: int, seed: int,
+                    with_images: bool) -> dict:
+        """Sample ``index``: {input_ids, labels, loss_mask, image (None for text-only)}."""

@@ -1,0 +1,284 @@
+"""What a checkpoint directory holds and what a run may do with it.
+
+Pure functions over the file system and saved configurations: they run on every rank before any
+process group exists (``preflight``), so a bad --load/--save or an incompatible resume is one
+line, and they are tested in-process.
+
+    <save>/latest_checkpointed_iteration.txt      the last complete iteration
+    <save>/iter_0000010/                           torch_dist shards, metadata, checksums.json
+    <save>/iter_0000010.tmp/                       a save in progress (or one that failed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from examples.mimo.training.hetero.errors import CheckpointError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "checksums.json"
+CHECKPOINT_VERSION = 2
+_CHUNK = 16 * 2 ** 20
+
+# What dist-checkpointing cannot reshard in our format: the optimizer state is saved
+# "dp_reshardable", so a branch's TP/PP/EP layout must match whenever it is loaded.
+OPTIMIZER_LAYOUT = {"encoder_tp": "--encoder-tp", "llm_tp": "--llm-tp", "llm_pp": "--llm-pp",
+                    "llm_ep": "--llm-ep", "llm_expt_tp": "--llm-expt-tp"}
+# The LR/WD schedule a checkpoint's scheduler was built with (ScheduleConfig fields).
+SCHEDULE_FLAGS = {
+    "lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay",
+    "warmup_samples": "--lr-warmup-iters/-samples", "decay_samples": "--lr-decay-iters/-samples",
+    "decay_style": "--lr-decay-style", "wsd_decay_samples": "--lr-wsd-decay-iters/-samples",
+    "wsd_decay_style": "--lr-wsd-decay-style",
+}
+# Run control: free to change, not worth listing as a change.
+_QUIET = ("ckpt", "log", "runtime.distributed_timeout_minutes", "runtime.device")
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "metadata.json")) and \
+        os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def _entries(root: str) -> List[str]:
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def stale_saves(root: str) -> List[str]:
+    """``iter_N.tmp`` directories: saves that never completed (a crash or an error)."""
+    return [os.path.join(root, d) for d in _entries(root)
+            if d.startswith("iter_") and d.endswith(".tmp")]
+
+
+def checkpoints_in(root: str) -> List[str]:
+    """Names of what a save into ``root`` could replace: the tracker and complete iterations."""
+    return [d for d in _entries(root)
+            if d == TRACKER or (d.startswith("iter_") and not d.endswith(".tmp"))]
+
+
+def find_checkpoint(root: str) -> Optional[Tuple[int, str]]:
+    """(iteration, directory) of the latest complete checkpoint, or None if there is none yet."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        leftovers = [d for d in checkpoints_in(root) if d != TRACKER]
+        if leftovers:
+            raise CheckpointError(f"{tracker} is missing but {root} holds {leftovers}")
+        return None
+    try:
+        with open(tracker) as f:
+            text = f.read().strip()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {tracker}: {err}") from err
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} should hold an iteration number, found {text!r}")
+    path = iteration_dir(root, int(text))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{tracker} names iteration {text} but {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is incomplete (no metadata.json or .metadata)")
+    return int(text), path
+
+
+def _writable_dir_problem(path: str) -> Optional[str]:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "it is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+
+
+def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_paths(ck) -> None:
+    """--load/--save/--load-*-from against the file system (``ck``: a CheckpointConfig).
+
+    Auto-resume (--load = --save, missing or empty on the first job) starts fresh; a --load that
+    does not exist otherwise is a typo. A --save holding checkpoints this run does not resume
+    from, or the directory a --finetune loads from, is refused unless --allow-existing-save."""
+    same = _same_dir(ck.load, ck.save)
+    if ck.load is not None:
+        if os.path.exists(ck.load) and not os.path.isdir(ck.load):
+            raise ValueError(f"--load {ck.load} is a file, not a checkpoint directory")
+        if not os.path.exists(ck.load) and not same:
+            raise ValueError(f"--load {ck.load} does not exist (only --load equal to --save may "
+                             f"be missing: the first job of an auto-resuming run)")
+    for flag, path in (("--load-language-from", ck.load_language_from),
+                       ("--load-vision-from", ck.load_vision_from)):
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is not a directory")
+    if ck.save is None:
+        return
+    problem = _writable_dir_problem(ck.save)
+    if problem:
+        raise ValueError(f"--save {ck.save} cannot hold checkpoints: {problem}")
+    existing = checkpoints_in(ck.save)
+    if existing and not ck.allow_existing_save:
+        shown = ", ".join(existing[-3:])
+        if not same:
+            raise ValueError(
+                f"--save {ck.save} already holds checkpoints ({shown}) of a run this job does not "
+                f"resume ({'--load ' + ck.load if ck.load else 'no --load'}); resume it with "
+                f"--load {ck.save}, pick another --save, or pass --allow-existing-save")
+        if ck.finetune:
+            raise ValueError(
+                f"--finetune would write its iteration-0-based checkpoints into {ck.save}, the "
+                f"directory it loads from ({shown}); pick another --save or pass "
+                f"--allow-existing-save")
+
+
+def remove_stale_saves(root: Optional[str]) -> List[str]:
+    """Removes what failed saves left; returns one log line per directory removed."""
+    lines = []
+    for path in stale_saves(root) if root else []:
+        shutil.rmtree(path, ignore_errors=True)
+        lines.append(f"removed {path}: an incomplete save left by an earlier job")
+    return lines
+
+
+# ---- resume policy ---------------------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _diff(saved: dict, now: dict) -> List[Tuple[str, object, object]]:
+    a, b = _flatten(saved), _flatten(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def resume_problems(saved: dict, now: dict) -> List[str]:
+    """Why a run configured as ``now`` may not resume the checkpoint ``saved``.
+
+    Both hold "args" (dataclasses.asdict(TrainConfig)) and "model_must_match" (the provider's
+    checkpoint_must_match), ``saved`` also the checkpoint's "train_state"; the load flags are
+    ``now``'s. Must match: the model provider
+    and its must-match fields, --llm-only, and the TP/PP/EP layout when optimizer state is
+    loaded. The LR schedule follows Megatron: a change needs --override-opt_param-scheduler (use
+    the new values) or --use-checkpoint-opt_param-scheduler (keep the checkpoint's), unless the
+    scheduler is not loaded. Everything else may change."""
+    a, b = saved["args"], now["args"]
+    ck = b["ckpt"]
+    problems = []
+    if a["model_provider"] != b["model_provider"]:
+        problems.append(f"--model-provider: checkpoint {a['model_provider']}, now {b['model_provider']}")
+    problems += [f"model.{k}: checkpoint {x!r}, now {y!r}"
+                 for k, x, y in _diff(saved["model_must_match"], now["model_must_match"])]
+    if a["grid"]["llm_only"] != b["grid"]["llm_only"]:
+        problems.append(f"--llm-only: checkpoint {a['grid']['llm_only']}, now {b['grid']['llm_only']}")
+    load_optim = not (ck["finetune"] or ck["no_load_optim"])
+    if load_optim:
+        problems += [f"{flag}: checkpoint {a['grid'][k]}, now {b['grid'][k]} (optimizer state "
+                     f"reshards across DP only; load weights alone with --no-load-optim)"
+                     for k, flag in OPTIMIZER_LAYOUT.items() if a["grid"][k] != b["grid"][k]]
+    load_scheduler = not (ck["finetune"] or ck["no_load_scheduler"])
+    if load_scheduler and not (ck["override_opt_param_scheduler"]
+                               or ck["use_checkpoint_opt_param_scheduler"]):
+        unit = lambda k: " samples" if k.endswith("_samples") else ""  # noqa: E731
+        changed = [f"{flag}: checkpoint {a['schedule'][k]!r}{unit(k)}, now {b['schedule'][k]!r}{unit(k)}"
+                   for k, flag in SCHEDULE_FLAGS.items() if a["schedule"][k] != b["schedule"][k]]
+        if changed:
+            hint = ("pass --override-opt_param-scheduler to train on with the new schedule, "
+                    "--use-checkpoint-opt_param-scheduler to keep the checkpoint's, or "
+                    "--no-load-scheduler to restart it")
+            g = a["batch"]["global_batch_size"]
+            decay = a["schedule"]["decay_samples"]
+            if (a["schedule"]["train_iters"] != b["schedule"]["train_iters"]
+                    and decay != b["schedule"]["decay_samples"]):
+                hint += (f"; --lr-decay-iters defaults to --train-iters: to extend the run and keep "
+                         f"the checkpoint's decay pass --lr-decay-iters {decay // g} "
+                         f"(--lr-decay-samples {decay})")
+            problems += changed + [hint]
+    if not ck["finetune"]:
+        consumed = saved["train_state"]["consumed_samples"]
+        if consumed % b["batch"]["global_batch_size"]:
+            problems.append(f"--global-batch-size {b['batch']['global_batch_size']} does not divide "
+                            f"the checkpoint's {consumed} consumed samples")
+    return problems
+
+
+def changed_settings(saved_args: dict, now_args: dict) -> List[str]:
+    """What this run changes relative to the checkpoint it resumes, for the log."""
+    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(saved_args, now_args)
+            if not k.startswith(_QUIET)]
+
+
+def same_layout(saved_args: dict, now_args: dict) -> bool:
+    return saved_args["grid"] == now_args["grid"]
+
+
+# ---- checksums -------------------------------------------------------------------------------
+
+def file_checksum(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksum_files(root: str, names: Iterable[str]) -> Dict[str, dict]:
+    return {n: {"size": os.path.getsize(os.path.join(root, n)),
+                "crc32": file_checksum(os.path.join(root, n))} for n in names}
+
+
+def files_written_by(root: str, rank: int) -> List[str]:
+    """The files rank ``rank`` wrote into a torch_dist checkpoint: its ``__<rank>_*.distcp``
+    shards; rank 0 also the metadata files."""
+    names = [n for n in _entries(root) if os.path.isfile(os.path.join(root, n)) and n != MANIFEST]
+    own = [n for n in names if n.startswith(f"__{rank}_")]
+    if rank == 0:
+        own += [n for n in names if not n.startswith("__")]
+    return own
+
+
+def write_manifest(root: str, entries: Dict[str, dict]) -> None:
+    with open(os.path.join(root, MANIFEST), "w") as f:
+        json.dump(entries, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(root: str) -> Dict[str, dict]:
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def damaged_files(root: str, manifest: Dict[str, dict], names: Iterable[str]) -> List[str]:
+    """Those of ``names`` whose size or checksum differs from the manifest, with the reason."""
+    bad = []
+    for name in names:
+        path = os.path.join(root, name)
+        want = manifest[name]
+        if not os.path.isfile(path):
+            bad.append(f"{path} is missing")
+        elif os.path.getsize(path) != want["size"]:
+            bad.append(f"{path} has {os.path.getsize(path)} bytes, {want['size']} were written")
+        elif file_checksum(path) != want["crc32"]:
+            bad.append(f"{path} does not match its checksum (crc32 {want['crc32']})")
+    return bad

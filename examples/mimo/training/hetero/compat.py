@@ -1,0 +1,280 @@
+"""Every workaround of megatron-core 0.19.2 on the hetero path, one function per problem.
+
+Nothing here runs at import. Process-wide patches are applied once at start-up by
+``apply_startup`` (runtime.py), before any model is built; the other workarounds are called at
+the one place their problem shows (optimizer build, checkpoint load, layer specs, MoE metrics).
+``active()`` names those applied or used in this process, and the trainer logs it.
+
+Each docstring names the megatron-core function and the symptom. tests/unit_tests/models/
+test_hetero_compat.py has, for each, a canary that fails once megatron-core no longer shows the
+symptom (then delete the workaround) and names the test that fails without the workaround.
+
+The CPU/gloo emulation of CUDA is not here: it is device.py's, and only runs on ``--device cpu``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import sys
+import types
+from datetime import timedelta
+from typing import Dict, Iterable, List
+
+import torch
+import torch.distributed as dist
+
+MEGATRON_CORE_VERSION = "0.19.2"  # what these workarounds were written against
+_ACTIVE: Dict[str, None] = {}  # insertion-ordered set
+
+
+def _mark(name: str) -> None:
+    _ACTIVE.setdefault(name)
+
+
+def active() -> List[str]:
+    return list(_ACTIVE)
+
+
+def version_note() -> str:
+    """'' on the version these were written for; otherwise a line saying the canaries decide."""
+    import megatron.core
+
+    found = megatron.core.__version__
+    if found.split("+")[0] == MEGATRON_CORE_VERSION:
+        return ""
+    return (f"megatron-core {found}: these workarounds were written for {MEGATRON_CORE_VERSION}; "
+            f"run tests/unit_tests/models/test_hetero_compat.py to see which are still needed")
+
+
+def apply_startup(*, backend: str, timeout: timedelta, mamba: bool) -> List[str]:
+    """The process-wide workarounds a job needs, applied once; returns what is active."""
+    refuse_pickled_checkpoint_objects()
+    bridge_groups(backend=backend, timeout=timeout)
+    global_memory_buffer()
+    if mamba:
+        import_mamba_triton_kernels()
+    return active()
+
+
+# ---- process-wide, at start-up ---------------------------------------------------------------
+
+def refuse_pickled_checkpoint_objects() -> None:
+    """``MCoreLoadPlanner.load_bytes`` (dist_checkpointing/strategies/torch.py) unpickles every
+    ShardedObject with ``weights_only=False``: a checkpoint can run code when loaded. Everything we
+    store is tensors and plain data, so read it with ``weights_only=True`` and refuse the rest.
+
+    Process-wide because ``TorchDistLoadShardedStrategy.load`` builds the planner itself; no
+    argument of ``dist_checkpointing.load`` selects another."""
+    from megatron.core.dist_checkpointing.strategies import torch as dcp_strategy
+    from torch.distributed.checkpoint._traverse import set_element
+
+    from examples.mimo.training.hetero.errors import CheckpointError
+
+    def load_bytes(self, read_item, value):
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"refusing to unpickle checkpoint object "
+                                  f"{read_item.dest_index.fqn!r}: it is not plain data ({err})") from err
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+    dcp_strategy.MCoreLoadPlanner.load_bytes = load_bytes
+    _mark("refuse_pickled_checkpoint_objects")
+
+
+def bridge_groups(*, backend: str, timeout: timedelta) -> None:
+    """``BridgeCommunicator._get_or_create_bridge_pg`` and ``_get_or_create_broadcast_pg``
+    (pipeline_parallel/bridge_communicator.py) create their groups with ``backend='nccl'`` and no
+    timeout: the bridge cannot run on gloo, and a stopped peer leaves the other side in the
+    bridge's shape exchange for torch's default 30 minutes instead of --distributed-timeout-minutes.
+
+    Process-wide because ``MultiModulePipelineCommunicator`` creates the bridges in its
+    constructor; nothing passes a backend or timeout through to them."""
+    from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+
+    def broadcast_pg(cls, ranks_list):
+        key = str(sorted(tuple(r) for r in ranks_list))
+        if key not in cls._broadcast_pg_cache:
+            cls._broadcast_pg_cache[key], _ = dist.new_subgroups_by_enumeration(
+                ranks_list, backend=backend, timeout=timeout)
+        return cls._broadcast_pg_cache[key]
+
+    def bridge_pg(cls, ranks):
+        key = str(sorted(ranks))
+        if key not in cls._bridge_pg_cache:
+            cls._bridge_pg_cache[key] = dist.new_group(sorted(ranks), backend=backend,
+                                                       timeout=timeout)
+        return cls._bridge_pg_cache[key]
+
+    BridgeCommunicator._get_or_create_broadcast_pg = classmethod(broadcast_pg)
+    BridgeCommunicator._get_or_create_bridge_pg = classmethod(bridge_pg)
+    _mark("bridge_groups")
+
+
+def global_memory_buffer() -> None:
+    """``parallel_state.get_global_memory_buffer`` asserts unless ``initialize_model_parallel``
+    ran; the local (non-TE) ``DotProductAttention`` takes its scratch buffers from it. We never
+    initialise parallel_state (two grids, not one), so create just that buffer."""
+    from megatron.core import parallel_state
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    _mark("global_memory_buffer")
+
+
+def import_mamba_triton_kernels() -> None:
+    """``mamba_ssm/__init__.py`` imports ``selective_scan_cuda`` (a compiled extension) first, so
+    a pure-Python mamba-ssm build fails on import and ``megatron.core.ssm.mamba_mixer`` sets
+    ``HAVE_MAMBA_SSM = False`` although the Triton kernels it uses are there. Registering the
+    package without running its ``__init__`` leaves the Triton submodules importable.
+
+    Must run before ``megatron.core.ssm`` is first imported; only models with Mamba layers ask
+    for it (``ModelFacts.uses_mamba``)."""
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or spec.submodule_search_locations is None:
+            return
+        package = types.ModuleType("mamba_ssm")
+        package.__spec__ = spec
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = package
+    _mark("import_mamba_triton_kernels")
+
+
+# ---- scoped, called where the problem shows --------------------------------------------------
+
+@contextlib.contextmanager
+def param_groups_within(group: dist.ProcessGroup):
+    """``megatron.core.optimizer._get_param_groups`` aligns param-group keys with an
+    ``all_gather_object`` over the WORLD. On disjoint grids that mixes the two branches' keys, and
+    it hangs when a frozen branch builds no optimizer (its ranks never join). Inside this context
+    that gather (the function's only use of the world) spans the branch's own ranks."""
+    import megatron.core.optimizer as megatron_optimizer
+
+    real_torch = megatron_optimizer.torch
+    scoped_dist = types.SimpleNamespace(
+        get_world_size=lambda group_=None: dist.get_world_size(group_ or group),
+        all_gather_object=lambda out, obj, group_=None: dist.all_gather_object(out, obj,
+                                                                                group_ or group))
+
+    class _ScopedTorch(types.ModuleType):
+        distributed = scoped_dist
+
+        def __getattr__(self, name):
+            return getattr(real_torch, name)
+
+    megatron_optimizer.torch = _ScopedTorch("torch")
+    _mark("param_groups_within")
+    try:
+        yield
+    finally:
+        megatron_optimizer.torch = real_torch
+
+
+def _inner_adams(optimizer) -> Iterable:
+    for top in optimizer._active_optimizers:
+        for opt in getattr(top, "chained_optimizers", [top]):
+            yield opt
+
+
+@contextlib.contextmanager
+def torch_adam_checkpoint_load(optimizer):
+    """Around building the load template and ``optimizer.load_state_dict``.
+
+    Without transformer-engine or apex, megatron-core 0.19.2 falls back to torch's Adam, whose
+    per-parameter state only exists after a first step:
+    - ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` asserts on the missing state
+      while building the template, so every parameter first gets a zero state at step 0 (the
+      checkpoint overwrites it);
+    - ``DistributedOptimizer.load_state_dict`` writes one shared ``step`` tensor into every
+      parameter's state (torch Adam would then advance it once per parameter each step) and
+      copies the template's step over it, so on the way out each parameter gets its own step from
+      the loaded param groups."""
+    for opt in _inner_adams(optimizer):
+        inner = opt.optimizer
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+    _mark("torch_adam_checkpoint_load")
+    yield
+    from examples.mimo.training.hetero.errors import CheckpointError
+
+    for opt in _inner_adams(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                raise CheckpointError("optimizer param groups in the checkpoint carry no step")
+            for p in group["params"]:
+                inner.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
+def match_saved_param_groups(optimizer_state, *, lr: float, min_lr: float) -> None:
+    """``DistributedOptimizer.load_state_dict`` (optimizer/distrib_optimizer.py) pairs saved and
+    current param groups by ``param_group_identifier_keys``, which include ``max_lr`` and
+    ``min_lr``, i.e. the --lr/--min-lr the optimizer was built with: resuming with a new --lr
+    fails with a KeyError on the group tuple. Our param groups carry no per-group overrides, so
+    every saved group takes this run's values before the load (the loaded scheduler then sets
+    the schedule, ckpt_policy.resume_problems decides which one)."""
+    if isinstance(optimizer_state, dict):
+        for key, value in optimizer_state.items():
+            if key == "param_groups" and isinstance(value, list):
+                for group in value:
+                    if "max_lr" in group:
+                        group.update(max_lr=lr, min_lr=min_lr)
+            else:
+                match_saved_param_groups(value, lr=lr, min_lr=min_lr)
+    _mark("match_saved_param_groups")
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def local_hybrid_stack():
+    """``HybridStack.__init__`` (models/hybrid/hybrid_block.py) builds its final norm with
+    ``TENorm`` whatever the spec says, so the hybrid model cannot be built without
+    transformer-engine. This subclass builds it as a torch norm (the local specs' choice)."""
+    from megatron.core.models.hybrid.hybrid_block import HybridStack
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class LocalHybridStack(HybridStack):
+        def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+            self.post_layer_norm = post_layer_norm
+            if self.post_process and post_layer_norm:
+                self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
+                                                   eps=config.layernorm_epsilon)
+
+    _mark("local_hybrid_stack")
+    return LocalHybridStack
+
+
+def reduce_moe_metrics(*, names: Iterable[str], num_layers: int, pp, dp,
+                       device: torch.device) -> Dict[str, torch.Tensor]:
+    """Sum what megatron-core's MoE routers recorded this step over the LLM's pipeline stages,
+    each metric's own reduce group and its DP ranks; the caller divides. Clears the tracker.
+
+    Instead of ``MoEMetricsTracker.report`` (transformer/moe/moe_logging.py), whose
+    ``_sync_metrics`` falls back to ``parallel_state`` groups (asserting, as we never initialise
+    it) unless the collection carries ``dp_cp_gtp_remat``, and averages with ``ReduceOp.AVG``,
+    which gloo does not implement. Every LLM rank takes part, also pipeline stages without MoE
+    layers (zeros of the same size), so the reductions line up."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    totals = {}
+    for name in names:
+        tracker.ensure_initialized(name, num_layers, device=device)
+        entry = tracker.metrics[name]
+        values = entry.values
+        dist.all_reduce(values, group=pp)
+        if entry.reduce_group is not None:
+            dist.all_reduce(values, group=entry.reduce_group)
+        dist.all_reduce(values, group=dp)
+        totals[name] = values.sum()
+    tracker.clear()
+    _mark("reduce_moe_metrics")
+    return totals
