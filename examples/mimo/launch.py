@@ -3,7 +3,8 @@
     python -m examples.mimo.launch [torchrun flags] -- [train_hetero flags]
     python -m examples.mimo.launch --standalone --nproc-per-node 2 -- --train-iters 20
 
-Bad flags or checkpoint paths: ``error: ...`` and exit status 2 before any process starts. A
+Bad flags or checkpoint paths: ``error: ...`` and exit status 2 before any process starts;
+--dry-run prints the resolved layout and starts nothing. A
 failed run: ``error: rank R failed first: <its first error line> (traceback: FILE)`` as the last
 line, exit status 1; each failing rank's traceback is kept in a file.
 """
@@ -26,7 +27,7 @@ def main(argv) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from examples.mimo.train_hetero import check, quiet_library_warnings
+    from examples.mimo.train_hetero import check, dry_run_report, quiet_library_warnings
     from examples.mimo.training.hetero.errors import ConfigError
 
     args = get_args_parser().parse_args([*launcher, "-m", "examples.mimo.train_hetero", *trainer])
@@ -34,10 +35,13 @@ def main(argv) -> int:
     world = nodes * int(args.nproc_per_node)
     quiet_library_warnings(show=False)  # rank 0 of the job shows them
     try:
-        check(trainer, world_size=world)
+        cfg, notes = check(trainer, world_size=world)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    if cfg.runtime.dry_run:
+        print(dry_run_report(cfg, notes))
+        return 0
     failures = tempfile.mkdtemp(prefix="hetero-failures-")
     os.environ["HETERO_FAILURE_DIR"] = failures
     # torchrun's agent logs each rank it stops and its own view of the failure; the summary

@@ -46,18 +46,23 @@ def check(argv, world_size: int):
     return cfg, notes
 
 
+def dry_run_report(cfg, notes) -> str:
+    from examples.mimo.model_providers import MODEL_PROVIDERS
+    from examples.mimo.training.hetero.config import describe
+
+    resume = "\n".join(notes) or (f"checkpoints: resume from {cfg.ckpt.load}" if cfg.ckpt.load
+                                  else "checkpoints: none to resume")
+    return describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)) + "\n" + resume
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     quiet_library_warnings(show=rank == 0)
     cfg, notes = check(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.runtime.dry_run:
-        from examples.mimo.model_providers import MODEL_PROVIDERS
-        from examples.mimo.training.hetero.config import describe
-
         if rank == 0:
-            print(describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)))
-            print("\n".join(notes) or "checkpoints: nothing to resume")
+            print(dry_run_report(cfg, notes))
         return
     from examples.mimo.training.hetero.ckpt_policy import remove_stale_saves
     from examples.mimo.training.hetero.loop import train
@@ -105,7 +110,13 @@ def run(argv=None) -> None:
         os._exit(2)
     except BaseException as err:
         report_failure(rank, err)
-        # Skip interpreter teardown: destroying process groups could block on peers.
+        # dist_checkpointing's writer processes would outlive us (holding the job's stdout, so a
+        # `| tee` never ends); interpreter teardown is skipped, as destroying process groups
+        # could block on peers.
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(1)
 
 

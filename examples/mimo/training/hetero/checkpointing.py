@@ -56,8 +56,14 @@ from examples.mimo.training.hetero.state import RNGState
 from examples.mimo.training.hetero.topology import LANGUAGE
 
 
-def describe(err: BaseException) -> str:
-    """One line for a save/load failure, also from inside torch's checkpoint wrapper."""
+def describe(err: BaseException, writer_errors: List[str] = ()) -> str:
+    """One line for a save/load failure, also from inside torch's checkpoint wrapper;
+    ``writer_errors`` (compat.checkpoint_writer_errors) carry the cause the writer dropped."""
+    # The writer's later "error: <class ...>" lines repeat the class alone.
+    causes = [m for m in writer_errors if "error: <class '" not in m]
+    if causes:
+        return "; ".join(dict.fromkeys(
+            "no space left on device" if "No space left on device" in m else m for m in causes))
     failures = getattr(err, "failures", None) or {}
     causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()] or [err]
     lines = []
@@ -72,10 +78,13 @@ def describe(err: BaseException) -> str:
 
 
 def _agree(message: Optional[str]) -> Optional[str]:
-    """Every rank's failure message (or None) -> the lowest rank's, on every rank."""
+    """Every rank's failure message (or None) -> one line on every rank: the distinct messages
+    in rank order, a full disk first (other ranks' writers may fail on it less clearly)."""
     gathered: List[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, message)
-    return next((m for m in gathered if m is not None), None)
+    found = list(dict.fromkeys(m for m in gathered if m is not None))
+    found.sort(key=lambda m: "no space left on device" not in m)
+    return "; ".join(found) if found else None
 
 
 def read(template: dict, path: str, what: str, **kwargs):
@@ -177,16 +186,22 @@ class Checkpointer:
         hashing = 0.0
         entries: Dict[str, dict] = {}
         if failure is None:
-            try:
-                state = self._sharded(with_optim=not ck.no_save_optim, per_rank=True,
-                                      is_loading=False)
-                state.update(self._common_state())
-                dist_checkpointing.save(state, tmp, validate_access_integrity=True)
-                t0 = time.perf_counter()
-                entries = checksum_files(tmp, files_written_by(tmp, rank))
-                hashing = time.perf_counter() - t0
-            except (Exception, CheckpointException) as err:
-                failure = describe(err)
+            with compat.checkpoint_writer_errors() as writer_errors:
+                try:
+                    state = self._sharded(with_optim=not ck.no_save_optim, per_rank=True,
+                                          is_loading=False)
+                    state.update(self._common_state())
+                    dist_checkpointing.save(state, tmp, validate_access_integrity=True)
+                    t0 = time.perf_counter()
+                    entries = checksum_files(tmp, files_written_by(tmp, rank))
+                    hashing = time.perf_counter() - t0
+                except (Exception, CheckpointException) as err:
+                    failure = describe(err, writer_errors)
+                    # torch's zip writer may report a full disk as "unexpected pos": say what is
+                    # seen (measured before anything is cleaned up).
+                    free = shutil.disk_usage(tmp).free
+                    if "no space left on device" not in failure and free < 16 * 2 ** 20:
+                        failure = f"no space left on device ({free} bytes free); {failure}"
             failure = _agree(failure)
         gathered: List[Dict[str, dict]] = [{}] * dist.get_world_size()
         if failure is None:

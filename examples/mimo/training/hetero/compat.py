@@ -195,14 +195,22 @@ def torch_adam_checkpoint_load(optimizer):
       parameter's state (torch Adam would then advance it once per parameter each step) and
       copies the template's step over it, so on the way out each parameter gets its own step from
       the loaded param groups."""
+    _prime_torch_adam_state(optimizer)
+    _mark("torch_adam_checkpoint_load")
+    yield
+    _restore_torch_adam_steps(optimizer)
+
+
+def _prime_torch_adam_state(optimizer) -> None:
     for opt in _inner_adams(optimizer):
         inner = opt.optimizer
         opt.init_state_fn(inner, opt.config)
         for group in inner.param_groups:
             for p in group["params"]:
                 inner.state[p].setdefault("step", torch.tensor(0.0))
-    _mark("torch_adam_checkpoint_load")
-    yield
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
     from examples.mimo.training.hetero.errors import CheckpointError
 
     for opt in _inner_adams(optimizer):
@@ -212,6 +220,32 @@ def torch_adam_checkpoint_load(optimizer):
                 raise CheckpointError("optimizer param groups in the checkpoint carry no step")
             for p in group["params"]:
                 inner.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
+@contextlib.contextmanager
+def checkpoint_writer_errors():
+    """Yields a list that collects the checkpoint writer's own error messages.
+
+    ``FileSystemWriterAsync.write_preloaded_data_multiproc``
+    (dist_checkpointing/strategies/filesystem_async.py) logs a writer's exception and then
+    raises with only its class (``assert isinstance(..., list), type(...)``): a full disk reaches
+    the caller as "<class 'OSError'>". The logged message (errno text and file) is the cause."""
+    import logging
+
+    messages: List[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    handler = _Keep(level=logging.ERROR)
+    logger.addHandler(handler)
+    _mark("checkpoint_writer_errors")
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def match_saved_param_groups(optimizer_state, *, lr: float, min_lr: float) -> None:

@@ -29,16 +29,19 @@ def resolve_device(requested: str) -> str:
 
 
 def init_distributed(device: str, timeout_minutes: float) -> torch.device:
-    """Start the default group (torchrun env) and return this rank's device."""
+    """Start the default group (torchrun env), unless a caller already did, and return this
+    rank's device."""
     timeout = timedelta(minutes=timeout_minutes)
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", timeout=timeout, device_id=dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", timeout=timeout, device_id=dev)
     else:
         enable_cpu_emulation()
-        dist.init_process_group("gloo", timeout=timeout)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timeout)
         dev = torch.device("cpu")
     return dev
 

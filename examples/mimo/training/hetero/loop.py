@@ -72,6 +72,19 @@ def train(rt: Runtime) -> list:
     limit = cfg.optim.max_consecutive_skipped_iters
     results = []
     saved = state.iteration
+
+    def save() -> None:
+        nonlocal saved
+        if state.consecutive_skipped:
+            # The weights are those that produced non-finite gradients: a checkpoint of them
+            # would become the one an auto-resume picks up.
+            if dist.get_rank() == 0:
+                print(f"not saving iteration {state.iteration}: the last "
+                      f"{state.consecutive_skipped} iteration(s) were skipped", flush=True)
+            return
+        checkpointer.save(state.iteration)
+        saved = state.iteration
+
     try:
         while state.iteration < cfg.schedule.train_iters:
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
@@ -86,12 +99,11 @@ def train(rt: Runtime) -> list:
                     f"non-finite gradients (--max-consecutive-skipped-iters {limit}): the run "
                     f"diverged; stopping without a save (checkpoints already written are untouched)")
             if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
-                checkpointer.save(state.iteration)
-                saved = state.iteration
+                save()
             if ck.exit_interval and state.iteration % ck.exit_interval == 0:
                 break
         if ck.save and saved != state.iteration:
-            checkpointer.save(state.iteration)
+            save()
     finally:
         log.close()
     report_peak_memory(rank=dist.get_rank(), module=rt.topology.module_name, device=rt.device)

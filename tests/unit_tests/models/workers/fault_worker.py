@@ -1,13 +1,15 @@
 """Runs the real entrypoint with a fault injected on one rank.
 
-    fault_worker.py raise|nan <rank> <iteration> <train_hetero flags...>
+    fault_worker.py raise|hang|nan <rank> <iteration> <train_hetero flags...>
 
 raise: that rank's data iterator raises at that iteration.
+hang:  that rank stops making progress at that iteration (alive, not dead: it sleeps).
 nan:   that rank's per-token loss becomes NaN at that iteration.
 """
 
 import os
 import sys
+import time
 
 import torch
 
@@ -20,12 +22,14 @@ from examples.mimo.training.hetero.config import parse_config
 def main(mode: str, rank: int, iteration: int, argv):
     if int(os.environ["RANK"]) == rank:
         calls = {"n": 0}
-        if mode == "raise":
+        if mode in ("raise", "hang"):
             original_next = lanes.LaneIterator.__next__
 
             def failing_next(self):
                 calls["n"] += 1
                 if calls["n"] > (iteration - 1) * self.layout.num_microbatches:
+                    if mode == "hang":
+                        time.sleep(3600)
                     raise RuntimeError("injected data failure")
                 return original_next(self)
 

@@ -1,0 +1,223 @@
+"""In-process tests of checkpoint policy: --load/--save path checks, checkpoint discovery, stale
+saves, the resume policy and checksums. No process group, no torchrun."""
+
+import dataclasses
+import os
+
+import pytest
+
+from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero import ckpt_policy as policy
+from examples.mimo.training.hetero.config import parse_config
+from examples.mimo.training.hetero.errors import CheckpointError
+
+BASE = ["--train-iters", "4", "--lr-warmup-iters", "1"]
+
+
+def config(*args, world=2):
+    return parse_config([*BASE, *args], world_size=world)
+
+
+def fake_checkpoint(root, iteration, tracker=True):
+    d = root / f"iter_{iteration:07d}"
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text("{}")
+    (d / ".metadata").write_bytes(b"m")
+    if tracker:
+        (root / policy.TRACKER).write_text(str(iteration))
+    return d
+
+
+# ---- --load / --save against the file system -------------------------------------------------
+
+def test_load_naming_a_regular_file_is_an_error(tmp_path):
+    f = tmp_path / "ckpt"
+    f.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"--load {f} is a file"):
+        policy.check_paths(config("--load", str(f)).ckpt)
+
+
+def test_missing_load_is_a_typo_unless_it_is_also_save(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 10)
+    with pytest.raises(ValueError, match="--load .*/rnu does not exist"):
+        policy.check_paths(config("--load", str(tmp_path / "rnu"), "--save", str(run),
+                                  "--allow-existing-save").ckpt)
+    with pytest.raises(ValueError, match="does not exist"):
+        policy.check_paths(config("--load", str(tmp_path / "rnu")).ckpt)
+    # Auto-resume: the first job of a run whose --load is its --save.
+    first = str(tmp_path / "new")
+    policy.check_paths(config("--load", first, "--save", first).ckpt)
+
+
+def test_save_over_checkpoints_of_another_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 10)
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(iter_0000010, "
+                                         r"latest_checkpointed_iteration.txt\).*no --load"):
+        policy.check_paths(config("--save", str(run)).ckpt)
+    with pytest.raises(ValueError, match="does not resume"):
+        policy.check_paths(config("--save", str(run), "--load", str(tmp_path)).ckpt)
+    policy.check_paths(config("--save", str(run), "--allow-existing-save").ckpt)
+    policy.check_paths(config("--save", str(run), "--load", str(run)).ckpt)  # a resume
+
+
+def test_finetune_never_writes_into_the_directory_it_loads(tmp_path):
+    run = tmp_path / "pretrain"
+    fake_checkpoint(run, 10)
+    with pytest.raises(ValueError, match="--finetune would write"):
+        policy.check_paths(config("--load", str(run), "--save", str(run), "--finetune").ckpt)
+    policy.check_paths(config("--load", str(run), "--save", str(run), "--finetune",
+                              "--allow-existing-save").ckpt)
+    policy.check_paths(config("--load", str(run), "--save", str(tmp_path / "sft"),
+                              "--finetune").ckpt)
+
+
+def test_save_that_cannot_be_a_directory_is_found_at_start_up(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=f"--save {f} cannot hold checkpoints: it is a file"):
+        policy.check_paths(config("--save", str(f)).ckpt)
+    with pytest.raises(ValueError, match=f"cannot hold checkpoints: {f} is a file"):
+        policy.check_paths(config("--save", str(f / "deeper" / "ckpt")).ckpt)
+
+
+def test_pretrained_source_must_be_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="--load-language-from .* is not a directory"):
+        policy.check_paths(config("--load-language-from", str(tmp_path / "nope")).ckpt)
+
+
+# ---- discovery and stale saves ---------------------------------------------------------------
+
+def test_discovery_finds_the_tracked_iteration(tmp_path):
+    path = fake_checkpoint(tmp_path, 7)
+    assert policy.find_checkpoint(str(tmp_path)) == (7, str(path))
+    assert policy.find_checkpoint(str(tmp_path / "empty")) is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / policy.TRACKER).write_text("two"),
+     "should hold an iteration number, found 'two'"),
+    (lambda root: (root / policy.TRACKER).unlink(), "is missing but"),
+    (lambda root: (root / policy.TRACKER).write_text("9"),
+     "names iteration 9 but .*iter_0000009 does not exist"),
+    (lambda root: (root / "iter_0000007" / "metadata.json").unlink(), "iter_0000007 is incomplete"),
+])
+def test_discovery_rejects_broken_checkpoints(tmp_path, damage, message):
+    fake_checkpoint(tmp_path, 7)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        policy.find_checkpoint(str(tmp_path))
+
+
+def test_a_failed_save_does_not_block_the_relaunch(tmp_path):
+    """A first save that failed left iter_N.tmp and no tracker: the next job starts fresh and
+    removes it (before: 'tracker is missing but ... holds iter_0000004.tmp')."""
+    (tmp_path / "iter_0000004.tmp").mkdir()
+    (tmp_path / "iter_0000004.tmp" / "__0_0.distcp").write_bytes(b"x" * 100)
+    assert policy.find_checkpoint(str(tmp_path)) is None
+    policy.check_paths(config("--save", str(tmp_path)).ckpt)  # nothing there to overwrite
+    lines = policy.remove_stale_saves(str(tmp_path))
+    assert lines == [f"removed {tmp_path}/iter_0000004.tmp: an incomplete save left by an "
+                     f"earlier job"]
+    assert os.listdir(tmp_path) == []
+
+
+# ---- resume policy ---------------------------------------------------------------------------
+
+def state_of(cfg, consumed=16):
+    must = MODEL_PROVIDERS[cfg.model_provider].checkpoint_must_match(cfg.model)
+    return {"args": dataclasses.asdict(cfg), "model_must_match": must,
+            "train_state": {"consumed_samples": consumed}}
+
+
+def problems(saved_args, now_args, consumed=16, world=2, saved_world=2):
+    saved = config(*saved_args, world=saved_world)
+    now = config(*now_args, "--load", "ckpt", world=world)
+    return policy.resume_problems(state_of(saved, consumed), state_of(now))
+
+
+def test_an_unchanged_resume_has_no_problems():
+    assert problems([], []) == []
+
+
+@pytest.mark.parametrize("flags", [["--lr", "2e-3"], ["--min-lr", "1e-5"]])
+def test_schedule_changes_follow_megatrons_flags(flags):
+    found = problems([], flags)
+    assert found[0].startswith(flags[0]) and "--override-opt_param-scheduler" in found[-1]
+    for allow in (["--override-opt_param-scheduler"], ["--use-checkpoint-opt_param-scheduler"],
+                  ["--finetune"], ["--no-load-scheduler"]):
+        assert problems([], flags + allow) == [], allow
+
+
+def test_extending_a_finished_run_says_what_to_pass():
+    found = problems([], ["--train-iters", "6"])
+    assert "--lr-decay-iters/-samples: checkpoint 32 samples, now 48 samples" in found[0]
+    assert "pass --lr-decay-iters 4 (--lr-decay-samples 32)" in found[-1]
+    assert problems([], ["--train-iters", "6", "--lr-decay-iters", "4"]) == []
+
+
+def test_optimizer_settings_and_run_control_may_change():
+    assert problems([], ["--clip-grad", "0.5", "--adam-beta2", "0.95", "--seed", "3",
+                         "--micro-batch-size", "1", "--log-interval", "5"]) == []
+
+
+def test_stage_two_may_unfreeze_but_not_reshape():
+    assert problems(["--freeze-lm", "--freeze-vit"], ["--finetune"]) == []
+    assert problems(["--freeze-lm", "--freeze-vit"], []) == []
+    found = problems([], ["--hidden-size", "32", "--finetune"])
+    assert found == ["model.hidden_size: checkpoint 64, now 32"]
+
+
+def test_layout_changes_outside_dp_need_the_optimizer_left_out():
+    found = problems([], ["--llm-tp", "2"], world=3)
+    assert found[0] == ("--llm-tp: checkpoint 1, now 2 (optimizer state reshards across DP only; "
+                        "load weights alone with --no-load-optim)")
+    assert found[1].startswith("--llm-expt-tp: checkpoint 1, now 2")  # defaults to --llm-tp
+    assert problems([], ["--llm-tp", "2", "--no-load-optim"], world=3) == []
+    assert problems(["--llm-dp", "2"], [], saved_world=3) == []  # DP reshards
+
+
+def test_global_batch_must_divide_the_consumed_samples():
+    # Iteration-based schedule lengths are samples = iterations x global batch: they change too.
+    new = ["--global-batch-size", "16", "--override-opt_param-scheduler"]
+    found = problems([], new, consumed=24)
+    assert found == ["--global-batch-size 16 does not divide the checkpoint's 24 consumed samples"]
+    assert problems([], new, consumed=32) == []
+
+
+def test_changed_settings_are_listed_for_the_log():
+    saved, now = config(), config("--clip-grad", "0.5", "--log-interval", "3")
+    assert policy.changed_settings(dataclasses.asdict(saved), dataclasses.asdict(now)) == \
+        ["optim.clip_grad: 1.0 -> 0.5"]
+
+
+# ---- checksums -------------------------------------------------------------------------------
+
+def test_each_rank_checksums_the_files_it_wrote(tmp_path):
+    for name in (".metadata", "metadata.json", "__0_0.distcp", "__1_0.distcp", "__1_1.distcp"):
+        (tmp_path / name).write_bytes(name.encode() * 1000)
+    assert policy.files_written_by(str(tmp_path), 0) == ["__0_0.distcp", ".metadata",
+                                                         "metadata.json"]
+    assert policy.files_written_by(str(tmp_path), 1) == ["__1_0.distcp", "__1_1.distcp"]
+
+
+def test_damaged_files_are_named(tmp_path):
+    names = ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    for name in names:
+        (tmp_path / name).write_bytes(os.urandom(4096))
+    manifest = policy.checksum_files(str(tmp_path), names)
+    assert policy.damaged_files(str(tmp_path), manifest, names) == []
+    with open(tmp_path / "__1_0.distcp", "r+b") as f:  # same size, one byte flipped
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 1]))
+    with open(tmp_path / "__2_0.distcp", "ab") as f:
+        f.write(b"x")
+    (tmp_path / "__0_0.distcp").unlink()
+    bad = policy.damaged_files(str(tmp_path), manifest, names)
+    assert bad == [f"{tmp_path}/__0_0.distcp is missing",
+                   f"{tmp_path}/__1_0.distcp does not match its checksum "
+                   f"(crc32 {manifest['__1_0.distcp']['crc32']})",
+                   f"{tmp_path}/__2_0.distcp has 4097 bytes, 4096 were written"]

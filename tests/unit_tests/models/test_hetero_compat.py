@@ -1,0 +1,84 @@
+"""The megatron-core 0.19.2 workarounds in compat.py: for each, a canary and a fix check.
+
+A canary asserts that upstream megatron-core still shows the symptom; when one fails after an
+upgrade, the workaround is no longer needed: delete it (and its probe). The fix check asserts
+the workaround removes the symptom. Besides these, each workaround has a test elsewhere that
+fails without it (the training path it exists for):
+
+    global_memory_buffer               every training test (local attention's scratch buffers)
+    bridge_groups                      every hetero CPU test (the bridge on gloo);
+                                       test_hetero_failures::test_stopped_peer_ends_within_the_timeout
+    refuse_pickled_checkpoint_objects  the probe below, through dist_checkpointing.load
+    param_groups_within                test_hetero_checkpoint::test_projector_only_checkpoint
+                                       (a frozen LLM branch: its ranks never join the gather)
+    torch_adam_checkpoint_load         test_hetero_checkpoint::test_resume_is_bit_exact
+    match_saved_param_groups           test_hetero_failures::test_resume_with_a_new_schedule
+    checkpoint_writer_errors           test_hetero_failures::test_a_full_disk_is_named_and_...
+    reduce_moe_metrics                 test_hetero_nemotron::test_tiny_cpu_preset_trains_in_the_hetero_loop
+    local_hybrid_stack                 test_hetero_nemotron (every build of the local hybrid LLM)
+    import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
+"""
+
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+from examples.mimo.training.hetero import compat
+from tests.unit_tests.models.dist_harness import ROOT, torchrun
+
+PROBED = ["global_memory_buffer", "bridge_groups", "refuse_pickled_checkpoint_objects",
+          "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
+          "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors"]
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    work = tmp_path_factory.mktemp("compat")
+    torchrun(1, "tests.unit_tests.models.workers.compat_worker", [str(work / "out.json"), str(work)],
+             timeout=240)
+    return json.loads((work / "out.json").read_text())
+
+
+def test_every_workaround_has_a_probe():
+    public = {name for name, fn in inspect.getmembers(compat, callable)  # lru_cache'd ones too
+              if getattr(fn, "__module__", None) == compat.__name__ and not name.startswith("_")}
+    assert public - {"active", "version_note", "apply_startup"} == \
+        set(PROBED) | {"import_mamba_triton_kernels"}
+
+
+@pytest.mark.parametrize("name", PROBED)
+def test_canary_upstream_still_shows_the_symptom(probes, name):
+    assert "error" not in probes[name], probes[name].get("error")
+    assert probes[name]["symptom"], f"megatron-core no longer needs compat.{name}: remove it"
+
+
+@pytest.mark.parametrize("name", PROBED)
+def test_workaround_removes_the_symptom(probes, name):
+    assert "error" not in probes[name], probes[name].get("error")
+    assert probes[name]["fixed"]
+
+
+def have_mamba_mixer(*setup: str) -> str:
+    code = "\n".join([*setup, "import megatron.core.ssm.mamba_mixer as m", "print(m.HAVE_MAMBA_SSM)"])
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+needs_mamba = pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None,
+                                 reason="mamba-ssm is not installed (setup_env.sh installs it)")
+
+
+@needs_mamba
+def test_canary_mamba_ssm_init_still_needs_its_cuda_extension():
+    assert have_mamba_mixer() == "False", \
+        "megatron-core finds mamba-ssm's kernels by itself: remove compat.import_mamba_triton_kernels"
+
+
+@needs_mamba
+def test_import_mamba_triton_kernels_lets_megatron_find_them():
+    assert have_mamba_mixer("from examples.mimo.training.hetero import compat",
+                            "compat.import_mamba_triton_kernels()") == "True"

@@ -1,0 +1,147 @@
+"""In-process tests of pure pieces: run state objects, lane layout, provider protocols, module
+seams, the dry run and one-line configuration errors. No process group, no torchrun."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from examples.mimo import train_hetero
+from examples.mimo.data import DATA_PROVIDERS
+from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, rank_layout, sample_indices
+from examples.mimo.interfaces import DataProvider, ModelProvider
+from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero.config import parse_config
+from examples.mimo.training.hetero.state import TrainState
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_train_state_counts_skips_and_round_trips():
+    s = TrainState()
+    for skipped in (False, True, True, False, True):
+        s.advance(global_batch=8, skipped=skipped)
+    assert (s.iteration, s.consumed_samples, s.skipped_iterations, s.consecutive_skipped) == \
+        (5, 40, 3, 1)
+    t = TrainState()
+    t.load_state_dict(s.state_dict())
+    assert t == s
+
+
+def test_lane_iterator_state_round_trips():
+    layout = rank_layout(role=LLM, dp_rank=1, micro_batch_size=2, llm_dp=2, encoder_dp=1,
+                         num_microbatches=3)
+    make = lambda i: i  # noqa: E731
+    a = LaneIterator(layout, make, list)
+    seen = [next(a) for _ in range(3 * 2)]  # two global batches
+    b = LaneIterator(layout, make, list)
+    b.load_state_dict(a.state_dict())
+    assert a.state_dict() == {"consumed_samples": 2 * 12}
+    assert next(b) == next(a) == [26, 27]
+    assert seen[0] == [2, 3]
+    with pytest.raises(ValueError, match="consumed samples 5 is not a whole number"):
+        b.load_state_dict({"consumed_samples": 5})
+
+
+@pytest.mark.parametrize("llm_dp, encoder_dp", [(1, 1), (2, 1), (4, 2), (2, 2), (1, 2), (2, 4)])
+def test_lanes_and_encoder_ranks_cover_each_micro_batch_exactly_once(llm_dp, encoder_dp):
+    """Fan-out, one-to-one and fan-in: in every micro-batch the LLM lanes and the encoder ranks
+    each take every sample once, and the encoder ranks in the bridge's DP order."""
+    m, n = 2, 3
+    for step in range(2):
+        for mb in range(n):
+            lanes = [sample_indices(rank_layout(role=LLM, dp_rank=r, micro_batch_size=m,
+                                                llm_dp=llm_dp, encoder_dp=encoder_dp,
+                                                num_microbatches=n), step, mb)
+                     for r in range(llm_dp)]
+            encoders = [sample_indices(rank_layout(role=ENCODER, dp_rank=r, micro_batch_size=m,
+                                                   llm_dp=llm_dp, encoder_dp=encoder_dp,
+                                                   num_microbatches=n), step, mb)
+                        for r in range(encoder_dp)]
+            flat = [i for lane in lanes for i in lane]
+            assert flat == [i for enc in encoders for i in enc]
+            start = step * m * llm_dp * n + mb * m * llm_dp
+            assert flat == list(range(start, start + m * llm_dp))
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PROVIDERS))
+def test_model_providers_satisfy_the_protocol(name):
+    assert isinstance(MODEL_PROVIDERS[name], ModelProvider)
+
+
+@pytest.mark.parametrize("name", sorted(DATA_PROVIDERS))
+def test_data_providers_satisfy_the_protocol(name):
+    assert isinstance(DATA_PROVIDERS[name], DataProvider)
+
+
+def imports_of(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_training_modules_reach_providers_only_through_the_runtime():
+    """The topology imports no model provider; the loop and step use Runtime's resolved
+    providers, not the registries."""
+    hetero = ROOT / "examples/mimo/training/hetero"
+    assert not [m for m in imports_of(hetero / "topology.py") if "model_providers" in m]
+    for name in ("loop.py", "step.py", "checkpointing.py", "optim.py", "grad_sync.py"):
+        bad = [m for m in imports_of(hetero / name)
+               if m in ("examples.mimo.model_providers", "examples.mimo.data")]
+        assert not bad, (name, bad)
+
+
+def test_no_megatron_core_workaround_is_applied_at_import():
+    """Importing every training module patches nothing (a fresh interpreter): compat applies
+    its workarounds at start-up."""
+    code = """
+import sys
+import examples.mimo.train_hetero, examples.mimo.launch, examples.mimo.training.hetero.loop
+from examples.mimo.training.hetero import compat
+from megatron.core.dist_checkpointing.strategies import torch as dcp
+from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator as B
+print(compat.active(), dcp.MCoreLoadPlanner.load_bytes.__module__,
+      B._get_or_create_bridge_pg.__func__.__module__, "mamba_ssm" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["[]", "torch.distributed.checkpoint.default_planner",
+                   "megatron.core.pipeline_parallel.bridge_communicator", "False"]
+
+
+def test_dry_run_prints_the_layout(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setattr(train_hetero, "quiet_library_warnings", lambda show: None)
+    train_hetero.main(["--dry-run", "--train-iters", "3", "--encoder-dp", "2", "--llm-dp", "3",
+                       "--global-batch-size", "12", "--mock-text-only-fraction", "0"])
+    out = capsys.readouterr().out
+    facts = MODEL_PROVIDERS["mock"].facts(parse_config(["--train-iters", "3"], world_size=2).model)
+    assert "world size 5" in out
+    assert "encoder grid: ranks 0-1, tp 1 x dp 2" in out
+    assert "LLM grid: ranks 2-4, tp 1 x pp 1 x dp 3" in out
+    assert "global 12 = micro-batch 2 x 3 lanes (LLM DP) x 2 micro-batches" in out
+    assert "3 samples per micro-batch: 3/2 lane(s), fan-out" in out
+    assert f"parameters: encoder {facts.encoder_params:,} (ViT + projector), LLM " \
+           f"{facts.llm_params:,}" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-iter", "5"], "error: unrecognized arguments: --train-iter 5"),
+    (["--train-iters", "5", "--llm-dp", "x"], "error: argument --llm-dp: invalid int value: 'x'"),
+    (["--train-iters", "5", "--llm-dp", "2"], "error: world size 2 != encoder ranks"),
+])
+def test_configuration_errors_are_one_line_and_exit_2(argv, message, capfd, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(train_hetero, "quiet_library_warnings", lambda show: None)
+    monkeypatch.setattr(train_hetero.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with pytest.raises(SystemExit) as exit_:
+        train_hetero.run(argv)
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err

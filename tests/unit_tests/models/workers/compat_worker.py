@@ -1,0 +1,283 @@
+"""Probes each megatron-core workaround in compat.py, under torchrun with one CPU rank.
+
+    compat_worker.py <out.json> <work dir>
+
+For each workaround it records {"symptom": the upstream problem still shows without the
+workaround (the canary), "fixed": with the workaround it does not}. The upstream behaviour is
+probed first, before compat patches anything process-wide.
+"""
+
+import contextlib
+import copy
+import errno
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from examples.mimo.training.hetero import compat
+from examples.mimo.training.hetero.config import parse_config
+from examples.mimo.training.hetero.device import init_distributed
+
+RESULTS = {}
+DP_RESHARDABLE = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def probe(name):
+    def wrap(fn):
+        try:
+            RESULTS[name] = fn()
+        except BaseException:  # a probe that breaks reports how, and the test shows it
+            RESULTS[name] = {"error": traceback.format_exc()[-3000:]}
+        return fn
+    return wrap
+
+
+def raises(fn, kind=BaseException) -> bool:
+    try:
+        fn()
+    except kind:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def spy(module, name, record):
+    real = getattr(module, name)
+
+    def call(*args, **kwargs):
+        record.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    setattr(module, name, call)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def main(out_path: str, work: str):
+    init_distributed("cpu", 1)
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+
+    # ---- upstream first, nothing patched yet ------------------------------------------------
+    @probe("global_memory_buffer")
+    def _():
+        symptom = raises(parallel_state.get_global_memory_buffer, AssertionError)
+        compat.global_memory_buffer()
+        return {"symptom": symptom, "fixed": parallel_state.get_global_memory_buffer() is not None}
+
+    @probe("bridge_groups")
+    def _():
+        created = []
+        upstream = BridgeCommunicator._get_or_create_bridge_pg
+        with spy(dist, "new_group", created):
+            try:
+                upstream([0])
+            except Exception:  # no NCCL on this machine: the call itself is what we look at
+                pass
+        BridgeCommunicator.destroy_bridge_pgs()
+        symptom = created[-1][1].get("backend") == "nccl" and created[-1][1].get("timeout") is None
+        created.clear()
+        timeout = timedelta(seconds=42)
+        compat.bridge_groups(backend="gloo", timeout=timeout)
+        with spy(dist, "new_group", created):
+            pg = BridgeCommunicator._get_or_create_bridge_pg([0])
+        fixed = (dist.get_backend(pg) == "gloo" and created[-1][1]["timeout"] == timeout)
+        BridgeCommunicator.destroy_bridge_pgs()
+        return {"symptom": symptom, "fixed": fixed}
+
+    @probe("refuse_pickled_checkpoint_objects")
+    def _():
+        path = os.path.join(work, "payload")
+        os.makedirs(path)
+        marker = os.path.join(work, "pwned")
+        dist_checkpointing.save({"rng": ShardedObject("rng", Payload(marker), (1,), (0,),
+                                                      replica_id=0)}, path)
+        template = lambda: {"rng": ShardedObject("rng", None, (1,), (0,), replica_id=0)}  # noqa
+        dist_checkpointing.load(template(), path)
+        symptom = os.path.exists(marker)  # upstream ran the pickled code
+        os.remove(marker)
+        compat.refuse_pickled_checkpoint_objects()
+        try:
+            dist_checkpointing.load(template(), path)
+            refused = False
+        except BaseException as err:  # torch's checkpoint layer wraps it in CheckpointException
+            refused = "refusing to unpickle checkpoint object 'rng/shard_0_1'" in str(err)
+        return {"symptom": symptom, "fixed": refused and not os.path.exists(marker)}
+
+    @probe("param_groups_within")
+    def _():
+        from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+        calls = []
+        args = ([torch.nn.Linear(2, 2)], OptimizerConfig(lr=1e-3), None)
+        with spy(dist, "all_gather_object", calls):
+            _get_param_groups(*args)
+            symptom = _gather_group(calls[-1]) is None  # gathers over the WORLD
+            group = dist.new_group([0])
+            with compat.param_groups_within(group):
+                _get_param_groups(*args)
+        return {"symptom": symptom, "fixed": _gather_group(calls[-1]) is group}
+
+    @probe("checkpoint_writer_errors")
+    def _():
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", "shard.distcp")
+
+        def save(name):
+            path = os.path.join(work, name)
+            os.makedirs(path)
+            state = {"t": ShardedTensor.from_rank_offsets("t", torch.zeros(4), replica_id=0)}
+            try:
+                dist_checkpointing.save(state, path)
+            except BaseException as err:  # torch's CheckpointException
+                return str(err)
+            return ""
+
+        real = filesystem_async._write_item
+        filesystem_async._write_item = full_disk
+        try:
+            upstream = save("full_upstream")
+            with compat.checkpoint_writer_errors() as messages:
+                save("full_kept")
+        finally:
+            filesystem_async._write_item = real
+        return {"symptom": "<class 'OSError'>" in upstream and "No space" not in upstream,
+                "fixed": any("No space left on device" in m for m in messages)}
+
+    # ---- a real 1-rank training run for the optimizer and checkpoint probes -----------------
+    from examples.mimo.training.hetero.loop import train
+    from examples.mimo.training.hetero.optim import build_optimizer
+    from examples.mimo.training.hetero.runtime import build_runtime
+
+    ckpt = os.path.join(work, "ckpt")
+    cfg = parse_config(["--llm-only", "--device", "cpu", "--train-iters", "2", "--seq-length", "32",
+                        "--global-batch-size", "4", "--save", ckpt], world_size=1)
+    rt = build_runtime(cfg)
+    train(rt)
+    path = os.path.join(ckpt, "iter_0000002")
+    model_sd = rt.model.sharded_state_dict()
+
+    def load_optimizer_state(opt):
+        template = {"optimizer": {k: v for k, v in opt.sharded_state_dict(
+            model_sd, is_loading=True, metadata=DP_RESHARDABLE).items() if v}}
+        return dist_checkpointing.load(template, path, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+
+    def adam_steps(opt):
+        return [inner.optimizer.state[p]["step"] for inner in compat._inner_adams(opt)
+                for g in inner.optimizer.param_groups for p in g["params"]]
+
+    @probe("torch_adam_checkpoint_load")
+    def _():
+        fresh = build_optimizer(rt)
+        no_template = raises(lambda: fresh.sharded_state_dict(model_sd, is_loading=True,
+                                                               metadata=DP_RESHARDABLE))
+        compat._prime_torch_adam_state(fresh)  # the template half only
+        with torch.no_grad():
+            fresh.load_state_dict(load_optimizer_state(fresh)["optimizer"])
+        steps = adam_steps(fresh)
+        wrong_steps = len({id(s) for s in steps}) < len(steps) or \
+            any(float(s) != 2.0 for s in steps)
+        fixed_opt = build_optimizer(rt)
+        with compat.torch_adam_checkpoint_load(fixed_opt), torch.no_grad():
+            fixed_opt.load_state_dict(load_optimizer_state(fixed_opt)["optimizer"])
+        steps = adam_steps(fixed_opt)
+        fixed = len({id(s) for s in steps}) == len(steps) and all(float(s) == 2.0 for s in steps)
+        return {"symptom": no_template and wrong_steps, "fixed": fixed,
+                "no_template": no_template, "wrong_steps": wrong_steps}
+
+    @probe("match_saved_param_groups")
+    def _():
+        def load_with_saved_lr(match: bool):
+            opt = build_optimizer(rt)
+            with compat.torch_adam_checkpoint_load(opt), torch.no_grad():
+                state = copy.deepcopy(load_optimizer_state(opt)["optimizer"])
+                # as if the checkpoint was written by a run with another --lr
+                _set_max_lr(state, 0.5)
+                if match:
+                    compat.match_saved_param_groups(state, lr=cfg.schedule.lr,
+                                                    min_lr=cfg.schedule.min_lr)
+                opt.load_state_dict(state)
+
+        return {"symptom": raises(lambda: load_with_saved_lr(False), KeyError),
+                "fixed": not raises(lambda: load_with_saved_lr(True))}
+
+    @probe("reduce_moe_metrics")
+    def _():
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        pgc = rt.topology.module_pgc(rt.topology.module_name)
+        name = "seq_load_balancing_loss"
+        tracker = get_moe_metrics_tracker()
+        tracker.ensure_initialized(name, 4, device="cpu")
+        tracker.metrics[name].values += 1.0
+        symptom = raises(lambda: tracker.report(loss_scale=1.0, iteration=1, track_names=[name],
+                                                num_layers=4, moe_layer_freq=1,
+                                                pg_collection=pgc), AssertionError)
+        tracker.metrics[name].values.fill_(1.0)
+        totals = compat.reduce_moe_metrics(names=[name], num_layers=4, pp=pgc.pp, dp=pgc.dp,
+                                           device=torch.device("cpu"))
+        return {"symptom": symptom, "fixed": float(totals[name]) == 4.0}
+
+    @probe("local_hybrid_stack")
+    def _():
+        from megatron.core.models.hybrid.hybrid_block import HybridStack
+
+        from examples.mimo.model_providers import nemotron_moe_vlm as nemotron, specs
+
+        ncfg = parse_config(["--model-provider", "nemotron_moe_vlm", "--train-iters", "1",
+                             "--device", "cpu"], world_size=2).model
+        config = nemotron.language_config(ncfg, tp=1, pp=1, ep=1, expt_tp=1, dtype=torch.float32)
+        submodules = specs.hybrid_stack_spec("local", num_experts=4).submodules
+        pgc = rt.topology.module_pgc(rt.topology.module_name)
+        kwargs = dict(layer_type_list=list("*E*E"), pg_collection=pgc)
+        try:
+            HybridStack(config, submodules, **kwargs)
+            symptom = False
+        except ImportError as err:  # the hard-wired TENorm
+            symptom = "Transformer Engine" in str(err)
+        stack = compat.local_hybrid_stack()(config, submodules, **kwargs)
+        return {"symptom": symptom, "fixed": type(stack.final_norm) is torch.nn.RMSNorm}
+
+    rt.close()
+    with open(out_path, "w") as f:
+        json.dump(RESULTS, f)
+
+
+def _gather_group(call):
+    args, kwargs = call  # all_gather_object(object_list, obj, group=None)
+    return kwargs.get("group", args[2] if len(args) > 2 else None)
+
+
+def _set_max_lr(state, value):
+    if isinstance(state, dict):
+        for key, item in state.items():
+            if key == "param_groups":
+                for group in item:
+                    group["max_lr"] = value
+            else:
+                _set_max_lr(item, value)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
