@@ -57,10 +57,14 @@ def read_json_lines(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(nproc: int, tmp_path: Path, args: List[str], name: Optional[str] = None) -> List[dict]:
-    """Train with the real entrypoint; returns the logging rank's per-iteration metrics."""
+def run_train(nproc: int, tmp_path: Path, args: List[str], name: Optional[str] = None):
+    """Train with the real entrypoint: (the logging rank's per-iteration metrics, the process)."""
     metrics = tmp_path / f"{name or 'metrics'}.jsonl"
-    torchrun(nproc, "examples.mimo.train_hetero", ["--device", "cpu", "--metrics-file", str(metrics),
-                                                  "--distributed-timeout-minutes", "2",
-                                                  *args])
-    return read_json_lines(metrics)
+    proc = torchrun(nproc, "examples.mimo.train_hetero",
+                    ["--device", "cpu", "--metrics-file", str(metrics),
+                     "--distributed-timeout-minutes", "2", *args])
+    return read_json_lines(metrics), proc
+
+
+def train(nproc: int, tmp_path: Path, args: List[str], name: Optional[str] = None) -> List[dict]:
+    return run_train(nproc, tmp_path, args, name)[0]

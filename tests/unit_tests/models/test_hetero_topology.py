@@ -62,11 +62,22 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every layout, one job per world size: a topology is destroyed before the next is built."""
+    out = tmp_path_factory.mktemp("topology")
+    by_world = {}
+    for name, (grid, expected) in LAYOUTS.items():
+        by_world.setdefault(len(expected), []).append(f"{name}:{','.join(map(str, grid))}")
+    for world, layouts in sorted(by_world.items()):
+        torchrun(world, "tests.unit_tests.models.workers.topology_worker", [str(out), *layouts],
+                 timeout=240)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_groups_and_bridge(name, tmp_path):
-    grid, expected = LAYOUTS[name]
-    torchrun(len(expected), "tests.unit_tests.models.workers.topology_worker",
-             [str(tmp_path), *map(str, grid)], timeout=180)
+def test_groups_and_bridge(name, built):
+    _, expected = LAYOUTS[name]
     for rank, want in enumerate(expected):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        got = json.loads((built / f"{name}.rank{rank}.json").read_text())
         assert got == want, f"rank {rank}"

@@ -8,9 +8,6 @@
     ckpt_worker.py check_language <reference.pt> <out_dir> <train_hetero flags...>
         builds the hetero run with --load-language-from and records, on every LLM rank, whether
         each language-model weight equals the reference.
-    ckpt_worker.py payload <dir> <marker>
-        (1 process) saves a dist-checkpoint whose ShardedObject holds a pickle payload that would
-        create <marker>, then loads it through checkpointing's loader.
 """
 
 import json
@@ -22,12 +19,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.spec_utils import build_module
 
 from examples.mimo import train_hetero
 from examples.mimo.model_providers.mock import language_spec
-from examples.mimo.training.hetero import checkpointing, compat
+from examples.mimo.training.hetero import checkpointing
 from examples.mimo.training.hetero.config import GridConfig, parse_config
 from examples.mimo.training.hetero.device import init_distributed
 from examples.mimo.training.hetero.optim import build_optimizer
@@ -85,35 +81,11 @@ def check_language(reference: str, out_dir: str, argv):
     rt.close()
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def payload(path: str, marker: str):
-    init_distributed("cpu", 1)
-    compat.refuse_pickled_checkpoint_objects()  # what the trainer applies at start-up
-    os.makedirs(path)
-    dist_checkpointing.save({"rng": ShardedObject("rng", Payload(marker), (1,), (0,), replica_id=0)},
-                            path)
-    try:
-        checkpointing.read({"rng": ShardedObject("rng", None, (1,), (0,), replica_id=0)}, path,
-                           "(payload test)")
-    except checkpointing.CheckpointError as err:
-        print(f"REFUSED: {err}")
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "kill_during_save":
         kill_during_save(int(rest[0]), int(rest[1]), rest[2:])
     elif mode == "write_language":
         write_language(rest[0], int(rest[1]), rest[2], rest[3:])
-    elif mode == "check_language":
-        check_language(rest[0], rest[1], rest[2:])
     else:
-        payload(rest[0], rest[1])
+        check_language(rest[0], rest[1], rest[2:])

@@ -22,6 +22,7 @@ def main(out_dir, argv):
         part = "projection" if "input_projections" in n else "vit" if "encoders" in n else "lm"
         changed.setdefault(part, []).append(not torch.equal(before[n], p.detach()))
     report = {part: (any(v), all(v)) for part, v in changed.items()}
+    report["params"] = sum(p.numel() for p in rt.model.parameters())
     report["losses"] = [r.lm_loss for r in results]
     with open(f"{out_dir}/rank{os.environ['RANK']}.json", "w") as f:
         json.dump(report, f)

@@ -1,7 +1,8 @@
 """Builds this rank's branch of the Nemotron VLM (no training) and reports its structure.
 
 Model construction does not run Mamba kernels, so Mamba presets build on CPU too; the provider's
-own build() refuses them there because training would need the GPU. Writes <out>/rank<N>.json:
+own build() refuses them there because training would need the GPU. Writes
+<out>/<case>.rank<N>.json:
 branch name, parameter counts per part, trainable counts per part, LLM layer kinds.
 """
 
@@ -20,14 +21,7 @@ from examples.mimo.training.hetero.device import init_distributed, seed_all
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
 
 
-def main(out_dir, argv):
-    cfg = parse_config(["--model-provider", provider.NAME, "--device", "cpu", "--train-iters", "1",
-                        *argv],
-                       world_size=int(os.environ["WORLD_SIZE"]))
-    init_distributed("cpu", 1.0)
-    # As the trainer's start-up does for Mamba models: without it MambaMixer cannot be built.
-    if provider.facts(cfg.model).uses_mamba:
-        compat.import_mamba_triton_kernels()
+def build_case(out_dir, case, cfg):
     topology = Topology(cfg.grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     own = topology.module_pgc(topology.module_name)
     seed_all(0, device="cpu", tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
@@ -56,9 +50,27 @@ def main(out_dir, argv):
         report["mixers"] = [type(getattr(layer, "mixer", None)).__name__ for layer in decoder.layers]
     else:
         report["encoder"] = type(model.modality_submodules["images"].encoders["radio"]).__name__
-    with open(f"{out_dir}/rank{os.environ['RANK']}.json", "w") as f:
+    with open(f"{out_dir}/{case}.rank{os.environ['RANK']}.json", "w") as f:
         json.dump(report, f)
     topology.destroy()
+
+
+def main(out_dir, cases):
+    """cases: NAME followed by its flags, cases separated by "::"; all built in one job."""
+    configs = {}
+    while cases:
+        end = cases.index("::") if "::" in cases else len(cases)
+        name, argv, cases = cases[0], cases[1:end], cases[end + 1:]
+        configs[name] = parse_config(["--model-provider", provider.NAME, "--device", "cpu",
+                                      "--train-iters", "1", *argv],
+                                     world_size=int(os.environ["WORLD_SIZE"]))
+    init_distributed("cpu", 1.0)
+    # As the trainer's start-up; for Mamba models before megatron.core.ssm is imported (without
+    # it MambaMixer cannot be built).
+    compat.apply_startup(backend="gloo", timeout=timedelta(minutes=1),
+                         mamba=any(provider.facts(c.model).uses_mamba for c in configs.values()))
+    for name, cfg in configs.items():
+        build_case(out_dir, name, cfg)
     torch.distributed.destroy_process_group()
 
 

@@ -31,7 +31,7 @@ def main(out_dir):
     cfg = parse_config(["--model-provider", provider.NAME, "--model-preset", "tiny-cpu",
                         "--device", "cpu", "--train-iters", "1", "--llm-only"], world_size=1)
     init_distributed("cpu", 1.0)
-    compat.global_memory_buffer()  # local attention's scratch buffers, as at start-up
+    compat.apply_startup(backend="gloo", timeout=timedelta(minutes=1), mamba=False)  # as the trainer
     topology = Topology(cfg.grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     pgc = topology.module_pgc(topology.module_name)
     seed_all(0, device="cpu", tp_rank=0, ep_rank=0, etp_rank=0)

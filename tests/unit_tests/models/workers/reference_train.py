@@ -36,7 +36,7 @@ def param_groups(modules, weight_decay):
 def main(world_size: int, metrics_path: str, argv):
     cfg = parse_config(argv, world_size=world_size)
     init_distributed("cpu", 1)
-    compat.global_memory_buffer()  # local attention's scratch buffers, as at start-up
+    compat.apply_startup(backend="gloo", timeout=timedelta(minutes=1), mamba=False)  # as the trainer
     single = GridConfig(encoder_tp=1, encoder_dp=1, llm_tp=1, llm_pp=1, llm_dp=1, llm_ep=1,
                         llm_expt_tp=1, llm_only=True)
     topo = Topology(single, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)

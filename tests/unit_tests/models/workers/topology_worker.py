@@ -1,5 +1,5 @@
-"""Builds a Topology from grid flags, records every group's ranks, and pushes a tensor across the
-encoder->LLM bridge. Writes <out>/rank<N>.json."""
+"""Builds a Topology per layout, records every group's ranks, and pushes a tensor across the
+encoder->LLM bridge; then destroys it and builds the next. Writes <out>/<layout>.rank<N>.json."""
 
 import json
 import sys
@@ -17,11 +17,9 @@ from examples.mimo.training.hetero.topology import REQUIRED_GROUPS, Topology
 ROWS_PER_ENCODER_RANK = 4
 
 
-def main(out_dir: str, encoder_tp, encoder_dp, llm_tp, llm_pp, llm_dp, llm_ep, llm_only):
+def check(out_dir: str, name: str, encoder_tp, encoder_dp, llm_tp, llm_pp, llm_dp, llm_ep, llm_only):
     grid = GridConfig(encoder_tp=encoder_tp, encoder_dp=encoder_dp, llm_tp=llm_tp, llm_pp=llm_pp,
                       llm_dp=llm_dp, llm_ep=llm_ep, llm_expt_tp=llm_tp, llm_only=bool(llm_only))
-    init_distributed("cpu", 1)
-    compat.bridge_groups(backend="gloo", timeout=timedelta(minutes=1))
     topo = Topology(grid, timeout=timedelta(minutes=1), pipeline_dtype=torch.float32)
     rank = dist.get_rank()
     pgc = topo.module_pgc(topo.module_name)
@@ -40,11 +38,20 @@ def main(out_dir: str, encoder_tp, encoder_dp, llm_tp, llm_pp, llm_dp, llm_ep, l
             got = topo.communicator.recv_forward()[ENCODER_MODULE]
             assert torch.equal(got, got[:, :1].expand_as(got))
             received = got[:, 0].tolist()
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+    with open(f"{out_dir}/{name}.rank{rank}.json", "w") as f:
         json.dump({"module": topo.module_name, "groups": groups, "received": received}, f)
     topo.destroy()
+
+
+def main(out_dir: str, layouts):
+    """Each layout in turn in one job (same world size): name:e_tp,e_dp,l_tp,l_pp,l_dp,l_ep,only"""
+    init_distributed("cpu", 1)
+    compat.apply_startup(backend="gloo", timeout=timedelta(minutes=1), mamba=False)  # as the trainer
+    for layout in layouts:
+        name, sizes = layout.split(":")
+        check(out_dir, name, *map(int, sizes.split(",")))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:]))
+    main(sys.argv[1], sys.argv[2:])
