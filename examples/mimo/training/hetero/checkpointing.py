@@ -203,12 +203,12 @@ class Checkpointer:
                     if "no space left on device" not in failure and free < 16 * 2 ** 20:
                         failure = f"no space left on device ({free} bytes free); {failure}"
             failure = _agree(failure)
-        gathered: List[Dict[str, dict]] = [{}] * dist.get_world_size()
+        gathered: List[tuple] = [({}, 0.0)] * dist.get_world_size()
         if failure is None:
-            dist.all_gather_object(gathered, entries)
+            dist.all_gather_object(gathered, (entries, hashing))
             if rank == 0:
                 try:
-                    write_manifest(tmp, {k: v for part in gathered for k, v in part.items()})
+                    write_manifest(tmp, {k: v for part, _ in gathered for k, v in part.items()})
                     self._publish(tmp, final, iteration)
                 except OSError as err:
                     failure = describe(err)
@@ -221,7 +221,8 @@ class Checkpointer:
         if rank == 0:
             size = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
             print(f"saved {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s "
-                  f"(checksums {hashing:.3f} s on rank 0)", flush=True)
+                  f"(checksums: {max(t for _, t in gathered):.3f} s on the slowest rank)",
+                  flush=True)
         return final
 
     @staticmethod
@@ -268,6 +269,7 @@ class Checkpointer:
         iteration, path = found
         start = time.perf_counter()
         self._verify(path)
+        verified = time.perf_counter() - start
         common = read_common(path)
         layout = same_layout(common["args"], dataclasses.asdict(cfg))
         with_optim = not (ck.no_load_optim or ck.finetune)
@@ -318,7 +320,8 @@ class Checkpointer:
             print(f"loaded {path} (iteration {iteration}"
                   f"{'' if layout else ', resharded from another layout'}"
                   f"{', weights only' if ck.finetune else ''}) in "
-                  f"{time.perf_counter() - start:.2f} s", flush=True)
+                  f"{time.perf_counter() - start:.2f} s (checksums verified in {verified:.3f} s)",
+                  flush=True)
         return True
 
 
