@@ -5,7 +5,7 @@
 
 How it fails:
 - bad flags or paths (found before any process group exists): ``error: <message>`` once, from
-  rank 0, and exit status 2 on every rank;
+  rank 0, and exit status 2;
 - at run time: the failing rank prints ``[rank R] error: <first line>`` and exits 1 at once, its
   traceback in $HETERO_FAILURE_DIR/rank<R>.txt when set (examples.mimo.launch sets it and ends
   with a summary naming the first failing rank) or on stderr otherwise. torchrun then stops the
@@ -104,9 +104,12 @@ def run(argv=None) -> None:
     except SystemExit:
         raise
     except ConfigError as err:
-        if rank == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.stderr.flush()
+        # Every rank finds the same error; rank 0 says it. The others wait so that torchrun,
+        # stopping the job at the first exit, does not stop rank 0 before it printed, and speak
+        # only if they are still running then (rank 0 did not fail the same way).
+        if rank != "0":
+            time.sleep(5)
+        print(f"error: {err}", file=sys.stderr, flush=True)
         os._exit(2)
     except BaseException as err:
         report_failure(rank, err)
