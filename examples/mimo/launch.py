@@ -50,7 +50,10 @@ def main(argv) -> int:
     try:
         run(args)
     except ChildFailedError:
-        reports = [json.load(open(p)) for p in glob.glob(os.path.join(failures, "rank*.json"))]
+        reports = []
+        for path in glob.glob(os.path.join(failures, "rank*.json")):
+            with open(path) as f:
+                reports.append(json.load(f))
         if reports:
             first = min(reports, key=lambda r: r["time"])
             trace = os.path.join(failures, f"rank{first['rank']}.txt")

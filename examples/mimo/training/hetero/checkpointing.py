@@ -336,8 +336,9 @@ def _branch_template(rt: Runtime, name: str) -> dict:
 
 
 def resolve_pretrained(source: str) -> tuple:
-    """(directory to read, key prefix per branch or None): a hetero checkpoint root or
-    iteration directory of this trainer, or a plain single-grid dist-checkpoint."""
+    """(directory to read, whether it is a checkpoint of this trainer): a run directory (its
+    latest iteration) or iteration directory of this trainer, or a plain single-grid
+    dist-checkpoint."""
     found = find_checkpoint(source) if os.path.isfile(os.path.join(source, TRACKER)) else None
     path = found[1] if found else source
     if not is_complete(path):
