@@ -39,10 +39,14 @@ def snapshot(root):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A 2-iteration run of BASE saved at iteration 2."""
+    """Three iterations of BASE and their metrics; the checkpoint is the one of iteration 2
+    (the final save at 3 is removed, as if the job had stopped there)."""
     root = tmp_path_factory.mktemp("saved")
-    rows = train(2, root, BASE + ["--train-iters", "2", "--save", str(root / "ckpt")])
-    return root / "ckpt", rows
+    ckpt = root / "ckpt"
+    rows = train(2, root, BASE + ["--train-iters", "3", "--save", str(ckpt), "--save-interval", "2"])
+    shutil.rmtree(ckpt / "iter_0000003")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    return ckpt, rows
 
 
 def copy_of(saved, tmp_path):
@@ -202,3 +206,13 @@ def test_dry_run_through_the_launcher_starts_nothing():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LLM grid: ranks 1-2, tp 1 x pp 1 x dp 2" in proc.stdout
     assert proc.elapsed < 30
+
+
+def test_weights_reshard_across_tp_when_the_optimizer_is_left_out(saved, tmp_path):
+    """The policy's way out of a TP change (its error says so): --no-load-optim loads the weights
+    of the LLM TP1 checkpoint into LLM TP2; the first loss, computed before any update, is the
+    straight TP1 run's."""
+    resumed = train(3, tmp_path, BASE + ["--train-iters", "3", "--llm-tp", "2", "--load",
+                                         str(saved[0]), "--no-load-optim"], "tp2")
+    assert [r["iteration"] for r in resumed] == [3]
+    assert resumed[0]["lm_loss"] == pytest.approx(saved[1][2]["lm_loss"], rel=1e-6)
