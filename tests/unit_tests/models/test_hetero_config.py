@@ -70,6 +70,11 @@ def test_good_layouts(args, world, layout):
     (["--no-load-rng"], 2, ["--no-load-rng need --load"]),
     (["--llm-only", "--load-vision-from", "x"], 1, ["--load-vision-from", "--llm-only"]),
     (["--mock-text-only-fraction", "1.5"], 2, ["--mock-text-only-fraction 1.5"]),
+    (["--max-consecutive-skipped-iters", "-1"], 2, ["--max-consecutive-skipped-iters -1"]),
+    (["--allow-existing-save"], 2, ["--allow-existing-save needs --save"]),
+    (["--override-opt_param-scheduler"], 2, ["--override-opt_param-scheduler need --load"]),
+    (["--load", "x", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], 2,
+     ["--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude"]),
     (["--vocab-size", "2"], 2, ["--vocab-size 2"]),
     (["--patch-dim", "5"], 2, ["--patch-dim 5", "--img-h 16"]),
 ])

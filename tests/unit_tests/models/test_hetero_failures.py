@@ -14,7 +14,7 @@ import pytest
 
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.optim import build_scheduler
-from tests.unit_tests.models.dist_harness import ROOT, read_json_lines, torchrun, train
+from tests.unit_tests.models.dist_harness import ROOT, torchrun, train
 
 BASE = ["--global-batch-size", "8", "--seq-length", "32", "--lr", "3e-3", "--seed", "11",
         "--lr-decay-iters", "8"]

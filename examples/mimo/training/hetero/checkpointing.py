@@ -35,7 +35,6 @@ from examples.mimo.interfaces import ENCODER_MODULE
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.ckpt_policy import (
     CHECKPOINT_VERSION,
-    MANIFEST,
     TRACKER,
     changed_settings,
     check_paths,
