@@ -198,7 +198,7 @@ class Checkpointer:
                     failure = describe(err, writer_errors)
                     # torch's zip writer may report a full disk as "unexpected pos": say what is
                     # seen (measured before anything is cleaned up).
-                    free = shutil.disk_usage(tmp).free
+                    free = shutil.disk_usage(ck.save).free
                     if "no space left on device" not in failure and free < 16 * 2 ** 20:
                         failure = f"no space left on device ({free} bytes free); {failure}"
             failure = _agree(failure)

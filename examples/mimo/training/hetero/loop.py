@@ -56,9 +56,9 @@ def train(rt: Runtime) -> list:
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
     configure_schedule(rt, grad_sync)
     state = TrainState()
+    data = data_iterator(rt)
     checkpointer = Checkpointer(rt, optimizer=optimizer, scheduler=scheduler, train_state=state,
-                                data=data_iterator(rt))
-    data = checkpointer.common["data"]
+                                data=data)
     restored = ck.load is not None and checkpointer.load()
     # Pretrained branch weights only start a run; a checkpoint of this run takes precedence.
     if not restored and (ck.load_language_from or ck.load_vision_from):
