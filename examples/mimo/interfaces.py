@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Protocol, Tuple, runtime_checkable
+from typing import Callable, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -36,6 +36,21 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
+class RankData:
+    """Which part of every global batch one rank reads (see data/lanes.py)."""
+
+    is_llm: bool
+    dp_rank: int  # in this rank's own branch
+    llm_dp: int
+    encoder_dp: int
+    micro_batch_size: int
+    num_microbatches: int
+    seq_length: int
+    seed: int
+    with_images: bool  # False when the run has no encoder (--llm-only)
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """What a data provider needs to know about a model to produce its samples."""
 
@@ -43,6 +58,9 @@ class DataSpec:
     image_token_id: int
     image_tokens: int  # placeholder tokens per image
     image_shape: Tuple[int, int, int]  # C, H, W
+    # how images are normalised after resizing to image_shape: (pixel - mean) / std per channel
+    pixel_mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 @runtime_checkable
@@ -79,9 +97,36 @@ class DataProvider(Protocol):
 
     def config_from_args(self, args: argparse.Namespace) -> object: ...
 
-    def validate(self, cfg, spec: DataSpec, seq_length: int, *, fan_in: bool) -> None:
-        """Raises ValueError naming the flag when the data cannot feed this model and layout."""
+    def validate(self, cfg, spec: DataSpec, seq_length: int, *, fan_in: bool, llm_only: bool) -> None:
+        """Raises ValueError naming the flag when the data cannot feed this model and layout.
+        Runs before any process group exists (in the launcher too)."""
 
-    def make_sample(self, index: int, *, cfg, spec: DataSpec, seq_length: int, seed: int,
-                    with_images: bool) -> dict:
-        """Sample ``index``: {input_ids, labels, loss_mask, image (None for text-only)}."""
+    def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
+                       to_model: Callable[[dict], dict]) -> "DataIterator":
+        """This rank's micro-batches in schedule order. Each is a dict {input_ids, labels,
+        loss_mask, images ([n, C, H, W] or None), optional position_ids and attention_mask}
+        passed through ``to_model`` (which makes this role's MimoModel.forward kwargs)."""
+
+
+class DataStateMismatch(ValueError):
+    """A saved per-rank data state that this run's loader settings cannot restore."""
+
+
+@runtime_checkable
+class DataIterator(Protocol):
+    """A rank's data stream; run state under the checkpoint's "data" key."""
+
+    # False: the state is layout-free and the same on every rank (saved once, restored on any
+    # layout). True: each rank saves its own; it is restored only on the layout that wrote it,
+    # and on another layout ``restart`` applies the provider's documented policy.
+    per_rank: bool
+
+    def __next__(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def restart(self, *, iteration: int) -> str:
+        """Policy for a resume whose saved data state does not fit this layout; returns the
+        line the trainer prints."""

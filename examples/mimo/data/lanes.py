@@ -43,22 +43,33 @@ def sample_indices(layout: RankDataLayout, step: int, microbatch: int) -> range:
     return range(start, start + layout.size)
 
 
-def collate(samples: List[Dict[str, Optional[torch.Tensor]]], *, role: str, encoder_module: str,
-            encoder_name: str, fan_in: bool, device: torch.device, dtype: torch.dtype) -> dict:
-    """Stack samples ({input_ids, labels, loss_mask, image|None}) into MimoModel.forward kwargs."""
-    input_ids = torch.stack([s["input_ids"] for s in samples]).to(device)
+def stack_samples(samples: List[Dict[str, Optional[torch.Tensor]]]) -> dict:
+    """Samples ({input_ids, labels, loss_mask, image|None}) -> one micro-batch in the common
+    batch form that ``model_inputs`` takes (images of the samples that have one, in order)."""
+    images = [s["image"] for s in samples if s["image"] is not None]
+    return {key: torch.stack([s[key] for s in samples]) for key in ("input_ids", "labels", "loss_mask")} \
+        | {"images": torch.stack(images) if images else None}
+
+
+def model_inputs(batch: dict, *, role: str, encoder_module: str, encoder_name: str, fan_in: bool,
+                 device: torch.device, dtype: torch.dtype) -> dict:
+    """A micro-batch {input_ids, labels, loss_mask, images, [position_ids, attention_mask]} ->
+    MimoModel.forward kwargs for this rank's role."""
+    input_ids = batch["input_ids"].to(device)
     if role == LLM:
-        seq = input_ids.size(1)
+        b, seq = input_ids.shape
+        positions = batch.get("position_ids")
+        mask = batch.get("attention_mask")
         return {
             "input_ids": input_ids,
-            "position_ids": torch.arange(seq, device=device).expand(len(samples), seq).contiguous(),
-            "labels": torch.stack([s["labels"] for s in samples]).to(device),
-            "loss_mask": torch.stack([s["loss_mask"] for s in samples]).to(device),
-        }
-    images = [s["image"] for s in samples if s["image"] is not None]
+            "position_ids": (torch.arange(seq, device=device).expand(b, seq).contiguous()
+                             if positions is None else positions.to(device)),
+            "labels": batch["labels"].to(device),
+            "loss_mask": batch["loss_mask"].to(device),
+        } | ({} if mask is None else {"attention_mask": mask.to(device)})
     modality_inputs = None
-    if images:
-        stacked = torch.stack(images).to(device=device, dtype=dtype)
+    if batch["images"] is not None:
+        stacked = batch["images"].to(device=device, dtype=dtype)
         modality_inputs = {encoder_module: {encoder_name: {"images": stacked}}}
     # With fan-in each encoder rank feeds exactly one LLM rank, so the per-sample split that
     # MimoModel derives from input_ids is not needed; megatron-core 0.19.2 rejects that split
@@ -68,6 +79,8 @@ def collate(samples: List[Dict[str, Optional[torch.Tensor]]], *, role: str, enco
 
 class LaneIterator:
     """Yields this rank's micro-batches in schedule order; its state is the sample count."""
+
+    per_rank = False  # the state is a sample count, the same on every rank and layout
 
     def __init__(self, layout: RankDataLayout, make_sample: Callable[[int], dict],
                  collate_fn: Callable[[list], dict]):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 
-from examples.mimo.interfaces import DataSpec
+from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, rank_layout, stack_samples
+from examples.mimo.interfaces import DataSpec, RankData
 
 NAME = "mock"
 
@@ -43,7 +45,8 @@ def config_from_args(args: argparse.Namespace) -> MockDataConfig:
                           text_vocab=args.mock_text_vocab)
 
 
-def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool) -> None:
+def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool,
+             llm_only: bool) -> None:
     if cfg.text_vocab is not None and cfg.text_vocab > spec.vocab_size - 2:
         raise ValueError(f"--mock-text-vocab {cfg.text_vocab} must be <= vocabulary size "
                          f"{spec.vocab_size} - 2 (0 is unused, one id marks images)")
@@ -79,3 +82,13 @@ def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: 
         "loss_mask": (labels != spec.image_token_id).float(),
         "image": torch.randn(spec.image_shape, generator=g) if has_image else None,
     }
+
+
+def build_iterator(cfg: MockDataConfig, *, spec: DataSpec, rank: RankData,
+                   to_model: Callable[[dict], dict]) -> LaneIterator:
+    layout = rank_layout(role=LLM if rank.is_llm else ENCODER, dp_rank=rank.dp_rank,
+                         micro_batch_size=rank.micro_batch_size, llm_dp=rank.llm_dp,
+                         encoder_dp=rank.encoder_dp, num_microbatches=rank.num_microbatches)
+    make = partial(make_sample, cfg=cfg, spec=spec, seq_length=rank.seq_length, seed=rank.seed,
+                   with_images=rank.with_images)
+    return LaneIterator(layout, make, lambda samples: to_model(stack_samples(samples)))

@@ -21,7 +21,7 @@ import errno
 import os
 import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
-from examples.mimo.interfaces import ENCODER_MODULE
+from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.ckpt_policy import (
     CHECKPOINT_VERSION,
@@ -131,14 +131,16 @@ class Checkpointer:
         self.rt = rt
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.data = data
         # Identical on every rank: saved once, in the common state.
-        self.common = {"train_state": train_state, "scheduler": scheduler, "data": data}
+        self.common = {"train_state": train_state, "scheduler": scheduler}
         # One object per rank position: restored only on the layout that wrote it.
         self.per_rank = {"rng": RNGState(rt.device)}
+        (self.per_rank if data.per_rank else self.common)["data"] = data
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _sharded(self, *, with_optim: bool, per_rank: bool, is_loading: bool) -> dict:
+    def _sharded(self, *, with_optim: bool, per_rank: Sequence[str], is_loading: bool) -> dict:
         model_sd = self.rt.model.sharded_state_dict()
         state = {"model": model_sd}
         if with_optim:
@@ -153,8 +155,8 @@ class Checkpointer:
         if per_rank:
             name = self.rt.topology.module_name
             pgc = self.rt.topology.module_pgc(name)
-            for key, obj in self.per_rank.items():
-                state[key] = ShardedObject(f"{key}_state.{name}", obj.state_dict(),
+            for key in per_rank:
+                state[key] = ShardedObject(f"{key}_state.{name}", self.per_rank[key].state_dict(),
                                            (pgc.pp.size(), pgc.tp.size(), pgc.dp.size()),
                                            (pgc.pp.rank(), pgc.tp.rank(), pgc.dp.rank()),
                                            replica_id=0)
@@ -187,7 +189,7 @@ class Checkpointer:
         if failure is None:
             with compat.checkpoint_writer_errors() as writer_errors:
                 try:
-                    state = self._sharded(with_optim=not ck.no_save_optim, per_rank=True,
+                    state = self._sharded(with_optim=not ck.no_save_optim, per_rank=list(self.per_rank),
                                           is_loading=False)
                     state.update(self._common_state())
                     dist_checkpointing.save(state, tmp, validate_access_integrity=True)
@@ -272,12 +274,14 @@ class Checkpointer:
         common = read_common(path)
         layout = same_layout(common["args"], dataclasses.asdict(cfg))
         with_optim = not (ck.no_load_optim or ck.finetune)
-        # RNG state is per rank position; it only means something on the layout that wrote it.
-        with_per_rank = not (ck.no_load_rng or ck.finetune) and layout
+        # Per-rank state (RNG, a per-rank data loader) only means something on the layout that
+        # wrote it; a fine-tune starts both afresh.
+        per_rank = [key for key in self.per_rank if layout and not ck.finetune
+                    and not (key == "rng" and ck.no_load_rng)]
         adam = compat.torch_adam_checkpoint_load(self.optimizer) if with_optim \
             else contextlib.nullcontext()
         with adam:
-            template = self._sharded(with_optim=with_optim, per_rank=with_per_rank,
+            template = self._sharded(with_optim=with_optim, per_rank=per_rank,
                                      is_loading=True)
             state = read(template, path, "into this layout", strict=StrictHandling.ASSUME_OK_UNEXPECTED)
             self.rt.model.load_state_dict(state["model"], strict=True)
@@ -297,9 +301,16 @@ class Checkpointer:
         else:
             with torch.no_grad():  # the fp32 main parameters follow the loaded weights
                 self.optimizer.reload_model_params()
-        if with_per_rank:
-            for key, obj in self.per_rank.items():
-                obj.load_state_dict(state[key])
+        for key in list(per_rank):
+            try:
+                self.per_rank[key].load_state_dict(state[key])
+            except DataStateMismatch as err:  # other loader settings (--num-workers)
+                print(f"[rank {dist.get_rank()}] {err}", flush=True)
+                per_rank.remove(key)
+        if self.data.per_rank and "data" not in per_rank and not ck.finetune:
+            note = self.data.restart(iteration=iteration)
+            if dist.get_rank() == 0:
+                print(note, flush=True)
         if not ck.finetune:
             for key, obj in self.common.items():
                 if key == "scheduler" and ck.no_load_scheduler:

@@ -279,7 +279,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
     validate_model_fit(grid, model_provider.facts(model_cfg))
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
-                           fan_in=not grid.llm_only and grid.encoder_dp > grid.llm_dp)
+                           fan_in=not grid.llm_only and grid.encoder_dp > grid.llm_dp,
+                           llm_only=grid.llm_only)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
                             distributed_timeout_minutes=args.distributed_timeout_minutes,
                             dry_run=args.dry_run)

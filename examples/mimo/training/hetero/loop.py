@@ -6,8 +6,8 @@ from functools import partial
 
 import torch.distributed as dist
 
-from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, collate, rank_layout
-from examples.mimo.interfaces import ENCODER_MODULE
+from examples.mimo.data.lanes import ENCODER, LLM, model_inputs
+from examples.mimo.interfaces import ENCODER_MODULE, RankData
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
 from examples.mimo.training.hetero.errors import TrainingDiverged
@@ -20,20 +20,20 @@ from examples.mimo.training.hetero.step import configure_schedule, train_step
 from examples.mimo.training.hetero.topology import LANGUAGE
 
 
-def data_iterator(rt: Runtime) -> LaneIterator:
+def data_iterator(rt: Runtime):
     cfg = rt.cfg
-    role = LLM if rt.topology.module_name == LANGUAGE else ENCODER
-    layout = rank_layout(role=role, dp_rank=rt.topology.module_pgc(rt.topology.module_name).dp.rank(),
-                         micro_batch_size=cfg.batch.micro_batch_size, llm_dp=cfg.grid.llm_dp,
-                         encoder_dp=cfg.grid.encoder_dp, num_microbatches=cfg.batch.num_microbatches)
-    make_sample = partial(rt.data_provider.make_sample, cfg=cfg.data,
-                          spec=rt.model_provider.data_spec(cfg.model),
-                          seq_length=cfg.batch.seq_length, seed=cfg.runtime.seed,
-                          with_images=not cfg.grid.llm_only)
-    collate_fn = partial(collate, role=role, encoder_module=ENCODER_MODULE,
-                         encoder_name=rt.model_provider.VIT_ENCODER, fan_in=layout.fan_in,
-                         device=rt.device, dtype=rt.dtype)
-    return LaneIterator(layout, make_sample, collate_fn)
+    is_llm = rt.topology.module_name == LANGUAGE
+    rank = RankData(is_llm=is_llm, dp_rank=rt.topology.module_pgc(rt.topology.module_name).dp.rank(),
+                    llm_dp=cfg.grid.llm_dp, encoder_dp=cfg.grid.encoder_dp,
+                    micro_batch_size=cfg.batch.micro_batch_size,
+                    num_microbatches=cfg.batch.num_microbatches, seq_length=cfg.batch.seq_length,
+                    seed=cfg.runtime.seed, with_images=not cfg.grid.llm_only)
+    to_model = partial(model_inputs, role=LLM if is_llm else ENCODER, encoder_module=ENCODER_MODULE,
+                       encoder_name=rt.model_provider.VIT_ENCODER,
+                       fan_in=not is_llm and cfg.grid.encoder_dp > cfg.grid.llm_dp,
+                       device=rt.device, dtype=rt.dtype)
+    return rt.data_provider.build_iterator(cfg.data, spec=rt.model_provider.data_spec(cfg.model),
+                                           rank=rank, to_model=to_model)
 
 
 def log_workarounds() -> None:

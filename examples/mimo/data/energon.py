@@ -1,0 +1,222 @@
+"""Data provider ``energon``: a prepared megatron-energon dataset or blend (metadataset YAML),
+tokenized with a local tokenizer, routed to lanes (routing.py), resumable per rank.
+
+Each LLM rank reads its own lane; an encoder rank reads the lanes it feeds through one loader
+and runs them as one forward (merged by schema, merge.py). Both sides read the same lanes'
+samples in the same order, so every image meets its placeholders.
+
+Resume policy: the loader state is per rank and restored when the checkpoint was written by the
+same layout (grid, --num-workers, batch sizes). On another layout energon cannot map it; the
+run then starts a new pass over the data whose shuffling is seeded by --seed and the resumed
+iteration, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from examples.mimo.data.merge import LANE_BATCH, merge
+from examples.mimo.data.routing import LaneStreams, lane_set
+from examples.mimo.interfaces import DataSpec, RankData
+
+NAME = "energon"
+ERROR_POLICIES = ("skip", "fail")
+
+
+@dataclass(frozen=True)
+class EnergonDataConfig:
+    data_path: str
+    tokenizer_type: str
+    tokenizer_model: str
+    num_workers: int
+    packing_buffer_size: Optional[int]
+    shuffle_buffer_size: int
+    max_samples_per_sequence: Optional[int]
+    data_error_policy: str
+    lane_routing: bool
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from examples.mimo.data.tokenizer import TOKENIZER_TYPES
+
+    g = parser.add_argument_group("energon data provider")
+    g.add_argument("--data-path", required=True,
+                   help="A prepared energon dataset folder or a metadataset YAML (a blend).")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="Local Hugging Face tokenizer folder (never downloaded).")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="Loader worker processes per LLM lane (0: load in the training process).")
+    g.add_argument("--packing-buffer-size", type=int, default=None,
+                   help="Pack several samples per sequence, choosing from this many.")
+    g.add_argument("--shuffle-buffer-size", type=int, default=100)
+    g.add_argument("--max-samples-per-sequence", type=int, default=100,
+                   help="Samples read in a row from one shard before switching (energon).")
+    g.add_argument("--data-error-policy", choices=ERROR_POLICIES, default="skip",
+                   help="A sample that fails to decode: skip it (counted in the log) or fail.")
+    g.add_argument("--no-lane-routing", dest="lane_routing", action="store_false",
+                   help="One loader per lane on encoder ranks (for comparison; same samples).")
+
+
+def config_from_args(args: argparse.Namespace) -> EnergonDataConfig:
+    cfg = EnergonDataConfig(
+        data_path=os.path.abspath(args.data_path), tokenizer_type=args.tokenizer_type,
+        tokenizer_model=os.path.abspath(args.tokenizer_model), num_workers=args.num_workers,
+        packing_buffer_size=args.packing_buffer_size, shuffle_buffer_size=args.shuffle_buffer_size,
+        max_samples_per_sequence=args.max_samples_per_sequence,
+        data_error_policy=args.data_error_policy, lane_routing=args.lane_routing)
+    if cfg.num_workers < 0:
+        raise ValueError(f"--num-workers {cfg.num_workers} must be >= 0")
+    if cfg.packing_buffer_size is not None and cfg.packing_buffer_size < 2:
+        raise ValueError(f"--packing-buffer-size {cfg.packing_buffer_size} must be >= 2")
+    if cfg.shuffle_buffer_size < 0:
+        raise ValueError(f"--shuffle-buffer-size {cfg.shuffle_buffer_size} must be >= 0")
+    return cfg
+
+
+def check_dataset(path: str) -> None:
+    """The path, its energon metadata and, for a blend, every dataset it names."""
+    if not os.path.exists(path):
+        raise ValueError(f"--data-path {path}: no such file or folder")
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, ".nv-meta")):
+        raise ValueError(f"--data-path {path}: not a prepared energon dataset (no .nv-meta; run "
+                         f"`energon prepare {path}`)")
+    if os.path.isfile(path):
+        import yaml
+
+        with open(path) as f:
+            meta = yaml.safe_load(f)
+        for split in (meta or {}).get("splits", {}).values():
+            for entry in (split or {}).get("blend", []):
+                sub = os.path.join(os.path.dirname(path), str(entry.get("path", "")))
+                if not os.path.isdir(os.path.join(sub, ".nv-meta")) and not os.path.isfile(sub):
+                    raise ValueError(f"--data-path {path}: blend entry {entry.get('path')!r} is not "
+                                     f"a prepared energon dataset ({sub})")
+    from megatron.energon import load_dataset
+
+    try:
+        load_dataset(path)
+    except Exception as err:  # energon raises many kinds; one line, naming the flag
+        raise ValueError(f"--data-path {path}: energon cannot read it: "
+                         f"{str(err).splitlines()[0][:300]}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from examples.mimo.data.tokenizer import Tokenizer
+
+    return Tokenizer(path)
+
+
+def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool,
+             llm_only: bool) -> None:
+    from examples.mimo.data.tokenizer import check_tokenizer_path
+
+    check_tokenizer_path(cfg.tokenizer_model)
+    check_dataset(cfg.data_path)
+    load_tokenizer(cfg.tokenizer_model).check_model(vocab_size=spec.vocab_size,
+                                                    image_token_id=spec.image_token_id)
+    if fan_in:
+        # megatron-core 0.19.2's bridge returns fan-in gradients in equal splits: every encoder
+        # rank must emit the same number of image tokens per micro-batch, which a blend does not.
+        raise ValueError("--data-provider energon needs --encoder-dp <= --llm-dp (fan-in needs "
+                         "equal image counts per encoder rank)")
+    if cfg.packing_buffer_size is not None and llm_only:
+        # MimoModel's colocated forward drops attention_mask, so packed samples would attend
+        # across their boundaries on the local path.
+        raise ValueError("--packing-buffer-size with --llm-only is not supported (the packed "
+                         "attention mask does not reach the language model there)")
+
+
+class _ErrorHandler:
+    """energon's per-worker error handler: skip (count, one line) or fail."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def __call__(self, exc: Exception, sample, sources=None) -> None:
+        from examples.mimo.data.task_encoder import count_dropped
+
+        if self.policy == "fail":
+            raise exc
+        count_dropped()
+        where = ", ".join(str(getattr(s, "shard_name", s)) for s in (sources or [])[:2])
+        print(f"data: skipping a sample that failed ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}){' in ' + where if where else ''}",
+              flush=True)
+
+
+class EnergonIterator:
+    per_rank = True
+
+    def __init__(self, cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
+                 to_model: Callable[[dict], dict]):
+        self.cfg, self.spec, self.rank, self.to_model = cfg, spec, rank, to_model
+        self.lanes = lane_set(is_llm=rank.is_llm, dp_rank=rank.dp_rank, llm_dp=rank.llm_dp,
+                              encoder_dp=rank.encoder_dp, workers=cfg.num_workers)
+        self.streams = self._streams(seed_offset=rank.seed)
+
+    def _streams(self, *, seed_offset: int) -> LaneStreams:
+        from megatron.energon import get_savable_loader, get_train_dataset
+
+        from examples.mimo.data.task_encoder import MimoTaskEncoder
+
+        encoder = MimoTaskEncoder(tokenizer=load_tokenizer(self.cfg.tokenizer_model), spec=self.spec,
+                                  seq_length=self.rank.seq_length, with_images=self.rank.with_images)
+        handler = _ErrorHandler(self.cfg.data_error_policy)
+
+        def make_loader(worker_config):
+            worker_config.seed_offset = seed_offset
+            worker_config.global_error_handler = handler
+            dataset = get_train_dataset(
+                self.cfg.data_path, worker_config=worker_config,
+                batch_size=self.rank.micro_batch_size, task_encoder=encoder,
+                packing_buffer_size=self.cfg.packing_buffer_size,
+                shuffle_buffer_size=self.cfg.shuffle_buffer_size or None,
+                max_samples_per_sequence=self.cfg.max_samples_per_sequence)
+            return get_savable_loader(dataset)
+
+        return LaneStreams(self.lanes, make_loader, routed=self.cfg.lane_routing)
+
+    def __iter__(self):
+        return self
+
+    def next_batch(self) -> dict:
+        """This rank's next micro-batch before ``to_model``: its lanes merged in lane order."""
+        parts = [self.streams.next(lane) for lane in range(self.lanes.first,
+                                                           self.lanes.first + self.lanes.count)]
+        return merge(parts, LANE_BATCH) if len(parts) > 1 else parts[0]
+
+    def __next__(self) -> dict:
+        from examples.mimo.data.task_encoder import block_causal_mask, position_ids
+
+        batch = self.next_batch()
+        seq = self.rank.seq_length
+        batch["position_ids"] = position_ids(batch["seqlens"], seq)
+        batch["attention_mask"] = block_causal_mask(batch["seqlens"], seq)
+        return self.to_model(batch)
+
+    @property
+    def dropped(self) -> int:
+        return self.streams.dropped
+
+    def state_dict(self) -> dict:
+        return self.streams.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streams.load_state_dict(state)
+
+    def restart(self, *, iteration: int) -> str:
+        self.streams = self._streams(seed_offset=self.rank.seed + iteration)
+        return (f"data: the checkpoint's energon loader state was written by another layout and "
+                f"cannot be restored here; starting a new pass over {self.cfg.data_path} "
+                f"shuffled with seed {self.rank.seed} + iteration {iteration}")
+
+
+def build_iterator(cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
+                   to_model: Callable[[dict], dict]) -> EnergonIterator:
+    return EnergonIterator(cfg, spec=spec, rank=rank, to_model=to_model)
