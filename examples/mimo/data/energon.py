@@ -141,13 +141,17 @@ class _ErrorHandler:
     def __call__(self, exc: Exception, sample, sources=None) -> None:
         from examples.mimo.data.task_encoder import count_dropped
 
+        if not sources:  # a raw webdataset sample carries its own
+            parts = getattr(sample, "data", None) or ()
+            sources = [src for p in parts if isinstance(p, dict) for src in p.get("__sources__", ())]
+        where = "; ".join(f"{os.path.join(str(s.dataset_path), s.shard_name)}: {', '.join(s.file_names)}"
+                          for s in sources[:2]) or "unknown source"
+        what = f"{type(exc).__name__}{': ' + str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if self.policy == "fail":
-            raise exc
+            raise RuntimeError(f"data: a sample failed ({what}) in {where} "
+                               f"(--data-error-policy fail)") from exc
         count_dropped()
-        where = ", ".join(str(getattr(s, "shard_name", s)) for s in (sources or [])[:2])
-        print(f"data: skipping a sample that failed ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}){' in ' + where if where else ''}",
-              flush=True)
+        print(f"data: skipping a sample that failed ({what}) in {where}", flush=True)
 
 
 class EnergonIterator:

@@ -1,0 +1,88 @@
+"""Loader-level checks on a generated energon dataset, in a process of their own (energon's
+worker processes are many here, and ending this process ends them at once).
+
+    python -m tests.unit_tests.models.workers.energon_worker routing|resume DATASET OUT_JSON
+"""
+
+import json
+import os
+import sys
+import time
+
+from megatron.energon import get_savable_loader, get_train_dataset
+
+from examples.mimo.data.routing import LaneSet, LaneStreams
+from examples.mimo.data.task_encoder import MimoTaskEncoder
+from examples.mimo.data.tokenizer import Tokenizer
+from examples.mimo.interfaces import DataSpec
+
+# Loaders stay alive until os._exit: dropping one joins its workers (seconds each).
+KEEP = []
+SPEC = DataSpec(vocab_size=256, image_token_id=255, image_tokens=16, image_shape=(3, 16, 16))
+
+
+def loader_factory(root: str, packing=None):
+    encoder = MimoTaskEncoder(tokenizer=Tokenizer(os.path.join(root, "tokenizer")), spec=SPEC,
+                              seq_length=64, with_images=True)
+
+    def make(worker_config):
+        dataset = get_train_dataset(os.path.join(root, "blend.yaml"), worker_config=worker_config,
+                                    batch_size=2, task_encoder=encoder, shuffle_buffer_size=16,
+                                    max_samples_per_sequence=8, packing_buffer_size=packing)
+        return get_savable_loader(dataset)
+    return make
+
+
+def lane_keys(streams: LaneStreams, microbatches: int) -> dict:
+    KEEP.append(streams)
+    lanes = range(streams.lanes.first, streams.lanes.first + streams.lanes.count)
+    out = {lane: [] for lane in lanes}
+    for _ in range(microbatches):  # schedule order: micro-batch j of every lane, lane after lane
+        for lane in lanes:
+            out[lane].append(streams.next(lane)["keys"])
+    return out
+
+
+def routing(root: str) -> dict:
+    """Per-lane sample keys, routed vs one loader per lane, for (encoder DP, LLM DP, workers).
+    A lane's own loader is also what its LLM rank runs (LaneSet(lane, 1, ...))."""
+    make = loader_factory(root)
+    result = {}
+    for enc_dp, llm_dp, workers in ((1, 2, 1), (1, 4, 2), (2, 4, 1), (1, 8, 2)):
+        k = llm_dp // enc_dp
+        seen = {}
+        for routed in (True, False):
+            keys, start = {}, time.perf_counter()
+            for e in range(enc_dp):
+                streams = LaneStreams(LaneSet(e * k, k, llm_dp, workers), make, routed=routed)
+                keys.update(lane_keys(streams, 3))
+            seen["routed" if routed else "per_lane"] = {str(lane): v for lane, v in keys.items()}
+            seen[f"{'routed' if routed else 'per_lane'}_s"] = time.perf_counter() - start
+        result[f"{enc_dp},{llm_dp},{workers}"] = seen
+    return result
+
+
+def resume(root: str) -> dict:
+    """Save after an odd number of micro-batches (so batches wait in the lane queues), then
+    compare what a restored loader yields with what the original goes on to yield."""
+    out = {}
+    for packing in (6,):  # packed: the stage most likely to hold state across batches
+        make = loader_factory(root, packing)
+        lanes = LaneSet(0, 2, 2, 2)
+        a = LaneStreams(lanes, make)
+        lane_keys(a, 3)
+        state = a.state_dict()
+        queued = sum(len(q) for lane in a._queues for q in lane)
+        straight = lane_keys(a, 4)
+        b = LaneStreams(lanes, make)
+        b.load_state_dict(state)
+        out[str(packing)] = {"queued": queued, "straight": straight, "resumed": lane_keys(b, 4)}
+    return out
+
+
+if __name__ == "__main__":
+    mode, root, path = sys.argv[1:4]
+    with open(path, "w") as f:
+        json.dump({"routing": routing, "resume": resume}[mode](root), f)
+    sys.stdout.flush()
+    os._exit(0)  # without waiting for every loader's workers to be joined one by one
