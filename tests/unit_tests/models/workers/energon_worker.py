@@ -55,7 +55,7 @@ def routing(root: str) -> dict:
             keys, start = {}, time.perf_counter()
             for e in range(enc_dp):
                 streams = LaneStreams(LaneSet(e * k, k, llm_dp, workers), make, routed=routed)
-                keys.update(lane_keys(streams, 3))
+                keys.update(lane_keys(streams, 2))
             seen["routed" if routed else "per_lane"] = {str(lane): v for lane, v in keys.items()}
             seen[f"{'routed' if routed else 'per_lane'}_s"] = time.perf_counter() - start
         result[f"{enc_dp},{llm_dp},{workers}"] = seen
