@@ -114,9 +114,6 @@ def load_tokenizer(path: str):
 
 def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool,
              llm_only: bool) -> None:
-    from examples.mimo.data.tokenizer import check_tokenizer_path
-
-    check_tokenizer_path(cfg.tokenizer_model)
     check_dataset(cfg.data_path)
     load_tokenizer(cfg.tokenizer_model).check_model(vocab_size=spec.vocab_size,
                                                     image_token_id=spec.image_token_id)

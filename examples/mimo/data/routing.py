@@ -79,10 +79,9 @@ class LaneStreams:
             gid = batch["__restore_key__"][1]
             lane, worker = divmod(gid, self._per_lane)
             self._queues[lane - self.lanes.first][worker].append(batch)
-        else:
-            lane = source
+        else:  # source i is lane first + i's own loader
             worker = batch["__restore_key__"][1] % self._per_lane if self.lanes.workers else 0
-            self._queues[lane][worker].append(batch)
+            self._queues[source][worker].append(batch)
 
     def next(self, lane: int) -> dict:
         i = lane - self.lanes.first

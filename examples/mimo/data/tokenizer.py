@@ -56,7 +56,7 @@ class Tokenizer:
         """The user's turn and the assistant's opening, as the chat template writes them."""
         out = self._tok.tokenizer.apply_chat_template([{"role": "user", "content": user}],
                                                       tokenize=True, add_generation_prompt=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     def check_model(self, *, vocab_size: int, image_token_id: int) -> None:
         if self.image_token_id != image_token_id:

@@ -155,6 +155,12 @@ def test_bad_energon_input_is_named_before_anything_starts(data, tmp_path):
     check_fails(energon_args(data, "--vocab-size", "300"),
                 r"image token id: the tokenizer's <image> is 255, the model provider's is 299")
     check_fails(energon_args(data, "--encoder-dp", "2", "--llm-dp", "1"), r"--encoder-dp <= --llm-dp")
+    check_fails(energon_args(data, "--num-workers", "-1"), r"--num-workers -1 must be >= 0")
+    check_fails(energon_args(data, "--packing-buffer-size", "1"), r"--packing-buffer-size 1 must be >= 2")
+    check_fails(energon_args(data, "--shuffle-buffer-size", "-3"), r"--shuffle-buffer-size -3 must be >= 0")
+    check_fails(energon_args(data, "--packing-buffer-size", "4", "--llm-only", "--llm-dp", "3",
+                               "--global-batch-size", "6"),
+                r"--packing-buffer-size with --llm-only is not supported")
 
 
 def corrupt_dataset(data, tmp_path):
