@@ -60,6 +60,7 @@ class LaneStreams:
         else:
             configs = [WorkerConfig(rank=lane, world_size=lanes.total, num_workers=lanes.workers)
                        for lane in self._lane_ids()]
+        self._make, self._configs = make_loader, configs
         self.loaders = [make_loader(c) for c in configs]
         self._iters = [None] * len(self.loaders)
         self._queues: List[List[Deque[dict]]] = [[deque() for _ in range(self._per_lane)]
@@ -71,9 +72,13 @@ class LaneStreams:
         return range(self.lanes.first, self.lanes.first + self.lanes.count)
 
     def _pull(self, source: int) -> None:
-        if self._iters[source] is None:
-            self._iters[source] = iter(self.loaders[source])
-        batch = next(self._iters[source])
+        # torch's DataLoader draws its base seed from the global RNG when an iterator starts: a
+        # resumed run starts it at another point of that stream than the straight run, and the
+        # model's random draws (RADIO's position-embedding crops) would follow a shifted stream.
+        with torch.random.fork_rng(devices=[]):
+            if self._iters[source] is None:
+                self._iters[source] = iter(self.loaders[source])
+            batch = next(self._iters[source])
         self.dropped += batch.pop("dropped")
         if self.routed:
             gid = batch["__restore_key__"][1]
@@ -110,10 +115,18 @@ class LaneStreams:
         for ld, s in zip(self.loaders, saved["loaders"]):
             ld.restore_state_rank(s)
         self._cursor = list(saved["cursor"])
+        # Queued batches are re-created by loaders of their own, dropped afterwards: restoring
+        # through a training loader opens its shard files here, its workers (forked later) inherit
+        # those handles, and two workers seeking in one shared handle read each other's bytes.
+        restorers = {}
         for i, lane in enumerate(saved["queued"]):
-            loader = self.loaders[0 if self.routed else i]
+            source = 0 if self.routed else i
             for w, keys in enumerate(lane):
-                self._queues[i][w] = deque(_without_dropped(loader.restore_sample(k)) for k in keys)
+                if keys and source not in restorers:
+                    restorers[source] = self._make(self._configs[source])
+                with torch.random.fork_rng(devices=[]):
+                    self._queues[i][w] = deque(
+                        _without_dropped(restorers[source].restore_sample(k)) for k in keys)
 
 
 def _without_dropped(batch: dict) -> dict:

@@ -4,6 +4,7 @@ worker processes are many here, and ending this process ends them at once).
     python -m tests.unit_tests.models.workers.energon_worker routing|resume DATASET OUT_JSON
 """
 
+import gc
 import json
 import os
 import sys
@@ -62,6 +63,20 @@ def routing(root: str) -> dict:
     return result
 
 
+def open_shard_files() -> list:
+    """Dataset files this process holds open. Loader workers are forked from it and would share
+    those files' offsets: two workers seeking in one shared tar handle read each other's bytes."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if ".tar" in target or target.endswith(".sqlite"):
+            names.append(target)
+    return names
+
+
 def resume(root: str) -> dict:
     """Save after an odd number of micro-batches (so batches wait in the lane queues), then
     compare what a restored loader yields with what the original goes on to yield."""
@@ -76,7 +91,9 @@ def resume(root: str) -> dict:
         straight = lane_keys(a, 4)
         b = LaneStreams(lanes, make)
         b.load_state_dict(state)
-        out[str(packing)] = {"queued": queued, "straight": straight, "resumed": lane_keys(b, 4)}
+        gc.collect()
+        out[str(packing)] = {"queued": queued, "open_before_fork": open_shard_files(),
+                             "straight": straight, "resumed": lane_keys(b, 4)}
     return out
 
 
