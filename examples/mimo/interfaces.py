@@ -102,10 +102,11 @@ class DataProvider(Protocol):
         Runs before any process group exists (in the launcher too)."""
 
     def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
-                       to_model: Callable[[dict], dict]) -> "DataIterator":
+                       to_model: Callable[[dict], dict], split: str = "train") -> "DataIterator":
         """This rank's micro-batches in schedule order. Each is a dict {input_ids, labels,
         loss_mask, images ([n, C, H, W] or None), optional position_ids and attention_mask}
-        passed through ``to_model`` (which makes this role's MimoModel.forward kwargs)."""
+        passed through ``to_model`` (which makes this role's MimoModel.forward kwargs).
+        ``split="val"``: the validation split, endless (pass after pass), not checkpointed."""
 
 
 class DataStateMismatch(ValueError):

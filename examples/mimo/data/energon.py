@@ -151,8 +151,8 @@ class _ErrorHandler:
         print(f"data: skipping a sample that failed ({what}) in {where}", flush=True)
 
 
-class EnergonIterator:
-    per_rank = True
+class _LaneBatches:
+    """This rank's lanes' batches, merged, as model inputs; subclasses make the loaders."""
 
     def __init__(self, cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
                  to_model: Callable[[dict], dict]):
@@ -161,27 +161,11 @@ class EnergonIterator:
                               encoder_dp=rank.encoder_dp, workers=cfg.num_workers)
         self.streams = self._streams(seed_offset=rank.seed)
 
-    def _streams(self, *, seed_offset: int) -> LaneStreams:
-        from megatron.energon import get_savable_loader, get_train_dataset
-
+    def _encoder(self):
         from examples.mimo.data.task_encoder import MimoTaskEncoder
 
-        encoder = MimoTaskEncoder(tokenizer=load_tokenizer(self.cfg.tokenizer_model), spec=self.spec,
-                                  seq_length=self.rank.seq_length, with_images=self.rank.with_images)
-        handler = _ErrorHandler(self.cfg.data_error_policy)
-
-        def make_loader(worker_config):
-            worker_config.seed_offset = seed_offset
-            worker_config.global_error_handler = handler
-            dataset = get_train_dataset(
-                self.cfg.data_path, worker_config=worker_config,
-                batch_size=self.rank.micro_batch_size, task_encoder=encoder,
-                packing_buffer_size=self.cfg.packing_buffer_size,
-                shuffle_buffer_size=self.cfg.shuffle_buffer_size or None,
-                max_samples_per_sequence=self.cfg.max_samples_per_sequence)
-            return get_savable_loader(dataset)
-
-        return LaneStreams(self.lanes, make_loader, routed=self.cfg.lane_routing)
+        return MimoTaskEncoder(tokenizer=load_tokenizer(self.cfg.tokenizer_model), spec=self.spec,
+                               seq_length=self.rank.seq_length, with_images=self.rank.with_images)
 
     def __iter__(self):
         return self
@@ -205,6 +189,30 @@ class EnergonIterator:
     def dropped(self) -> int:
         return self.streams.dropped
 
+
+class EnergonIterator(_LaneBatches):
+    """The train split: endless (energon repeats it), shuffled, resumable per rank."""
+
+    per_rank = True
+
+    def _streams(self, *, seed_offset: int) -> LaneStreams:
+        from megatron.energon import get_savable_loader, get_train_dataset
+
+        encoder, handler = self._encoder(), _ErrorHandler(self.cfg.data_error_policy)
+
+        def make_loader(worker_config):
+            worker_config.seed_offset = seed_offset
+            worker_config.global_error_handler = handler
+            dataset = get_train_dataset(
+                self.cfg.data_path, worker_config=worker_config,
+                batch_size=self.rank.micro_batch_size, task_encoder=encoder,
+                packing_buffer_size=self.cfg.packing_buffer_size,
+                shuffle_buffer_size=self.cfg.shuffle_buffer_size or None,
+                max_samples_per_sequence=self.cfg.max_samples_per_sequence)
+            return get_savable_loader(dataset)
+
+        return LaneStreams(self.lanes, make_loader, routed=self.cfg.lane_routing)
+
     def state_dict(self) -> dict:
         return self.streams.state_dict()
 
@@ -218,6 +226,29 @@ class EnergonIterator:
                 f"shuffled with seed {self.rank.seed} + iteration {iteration}")
 
 
+class EnergonValIterator(_LaneBatches):
+    """The val split: unshuffled passes, one after another, routed like training (encoder and
+    LLM ranks read the same lanes). Like Megatron's validation iterator, each evaluation goes on
+    where the last one stopped; not checkpointed."""
+
+    def _streams(self, *, seed_offset: int) -> LaneStreams:
+        from megatron.energon import get_loader, get_val_dataset
+
+        encoder, handler = self._encoder(), _ErrorHandler(self.cfg.data_error_policy)
+
+        def make_loader(worker_config):
+            worker_config.global_error_handler = handler
+            # drop_last: every micro-batch has micro-batch-size rows, as in training
+            dataset = get_val_dataset(
+                self.cfg.data_path, worker_config=worker_config,
+                batch_size=self.rank.micro_batch_size, batch_drop_last=True, task_encoder=encoder,
+                packing_buffer_size=self.cfg.packing_buffer_size)
+            return get_loader(dataset)
+
+        return LaneStreams(self.lanes, make_loader, routed=self.cfg.lane_routing, finite=True)
+
+
 def build_iterator(cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
-                   to_model: Callable[[dict], dict]) -> EnergonIterator:
-    return EnergonIterator(cfg, spec=spec, rank=rank, to_model=to_model)
+                   to_model: Callable[[dict], dict], split: str = "train") -> _LaneBatches:
+    kind = {"train": EnergonIterator, "val": EnergonValIterator}[split]
+    return kind(cfg, spec=spec, rank=rank, to_model=to_model)

@@ -84,11 +84,18 @@ def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: 
     }
 
 
+# The val split: samples of another seed, never among the training samples' (seed, index) pairs.
+VAL_SEED_OFFSET = 7_919
+
+
 def build_iterator(cfg: MockDataConfig, *, spec: DataSpec, rank: RankData,
-                   to_model: Callable[[dict], dict]) -> LaneIterator:
+                   to_model: Callable[[dict], dict], split: str = "train") -> LaneIterator:
+    if split not in ("train", "val"):
+        raise ValueError(f"mock data has splits train and val, not {split!r}")
     layout = rank_layout(role=LLM if rank.is_llm else ENCODER, dp_rank=rank.dp_rank,
                          micro_batch_size=rank.micro_batch_size, llm_dp=rank.llm_dp,
                          encoder_dp=rank.encoder_dp, num_microbatches=rank.num_microbatches)
-    make = partial(make_sample, cfg=cfg, spec=spec, seq_length=rank.seq_length, seed=rank.seed,
+    seed = rank.seed + (VAL_SEED_OFFSET if split == "val" else 0)
+    make = partial(make_sample, cfg=cfg, spec=spec, seq_length=rank.seq_length, seed=seed,
                    with_images=rank.with_images)
     return LaneIterator(layout, make, lambda samples: to_model(stack_samples(samples)))

@@ -48,11 +48,15 @@ def lane_set(*, is_llm: bool, dp_rank: int, llm_dp: int, encoder_dp: int, worker
 class LaneStreams:
     """``next(lane)`` gives lane ``lane``'s next micro-batch (a task-encoder batch dict)."""
 
-    def __init__(self, lanes: LaneSet, make_loader: Callable[..., object], *, routed: bool = True):
+    def __init__(self, lanes: LaneSet, make_loader: Callable[..., object], *, routed: bool = True,
+                 finite: bool = False):
         from megatron.energon import WorkerConfig
 
         self.lanes = lanes
         self.routed = routed and lanes.workers > 0
+        # finite: the loaders end after a pass (a val split); a lane that needs more starts the
+        # next pass of its source. Every rank reading a lane sees it end at the same batch.
+        self.finite = finite
         self._per_lane = max(lanes.workers, 1)
         if self.routed:
             configs = [WorkerConfig(rank=lanes.first // lanes.count, world_size=lanes.total // lanes.count,
@@ -66,6 +70,7 @@ class LaneStreams:
         self._queues: List[List[Deque[dict]]] = [[deque() for _ in range(self._per_lane)]
                                                  for _ in range(lanes.count)]
         self._cursor = [0] * lanes.count
+        self._passes = 0  # passes over a finite split that ended
         self.dropped = 0  # samples the task encoder dropped, all lanes
 
     def _lane_ids(self) -> range:
@@ -78,7 +83,14 @@ class LaneStreams:
         with torch.random.fork_rng(devices=[]):
             if self._iters[source] is None:
                 self._iters[source] = iter(self.loaders[source])
-            batch = next(self._iters[source])
+            try:
+                batch = next(self._iters[source])
+            except StopIteration:
+                if not self.finite:
+                    raise
+                self._iters[source] = None
+                self._passes += 1
+                return
         self.dropped += batch.pop("dropped")
         if self.routed:
             gid = batch["__restore_key__"][1]
@@ -91,7 +103,12 @@ class LaneStreams:
     def next(self, lane: int) -> dict:
         i = lane - self.lanes.first
         queue = self._queues[i][self._cursor[i]]
+        ended = self._passes
         while not queue:
+            if self._passes - ended > 1:  # a whole pass went by without a batch for it
+                raise RuntimeError(f"data: a pass over the split gives lane {lane} (loader worker "
+                                   f"{self._cursor[i]}) no micro-batch; it holds too few samples "
+                                   f"for this many lanes and workers")
             self._pull(0 if self.routed else i)
         self._cursor[i] = (self._cursor[i] + 1) % self._per_lane
         return queue.popleft()

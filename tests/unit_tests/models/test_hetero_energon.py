@@ -125,6 +125,36 @@ def test_loader_state_resumes_at_the_next_sample(data, tmp_path):
         assert r["resumed"] == r["straight"], packing
 
 
+def split_keys(root, split):
+    """Sample keys of one split, from energon's split.yaml and the shards' member names."""
+    import yaml
+    from braceexpand import braceexpand
+
+    found = set()
+    for sub in ("captions", "vqa", "text"):
+        parts = yaml.safe_load((root / sub / ".nv-meta" / "split.yaml").read_text())["split_parts"]
+        for shard in (name for pattern in parts[split] for name in braceexpand(pattern)):
+            with tarfile.open(root / sub / shard) as t:
+                found |= {m.name.split(".")[0] for m in t.getmembers()}
+    return found
+
+
+def test_val_split_is_routed_like_training_and_goes_on_pass_after_pass(data, tmp_path):
+    worker("energon_worker", "val", data, tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    val, train = split_keys(data, "val"), split_keys(data, "train")
+    enc, llm0, llm1 = r["encoder"], r["llm0"], r["llm1"]
+    seen = {k for batch in enc for row in batch for k in row}
+    assert seen == val and not seen & train  # 40 micro-batches cover the whole val split
+    # the encoder's merged micro-batch holds lane 0's rows, then lane 1's: what each LLM rank
+    # reads, also across the end of a pass
+    assert enc == [a + b for a, b in zip(llm0, llm1)]
+    assert r["encoder_per_lane"] == enc
+    for lane in (llm0, llm1):
+        period = lane.index(lane[0], 1)  # the second pass starts over, unshuffled
+        assert lane[period:2 * period] == lane[:period][:len(lane) - period]
+
+
 def test_packed_and_unpacked_samples_give_the_same_loss(data):
     out = json.loads(worker("packing_worker", data).stdout.strip().splitlines()[-1])
     assert out["samples"] >= 3 and out["keys"][0] == out["keys"][1]

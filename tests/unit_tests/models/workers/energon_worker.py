@@ -1,7 +1,7 @@
 """Loader-level checks on a generated energon dataset, in a process of their own (energon's
 worker processes are many here, and ending this process ends them at once).
 
-    python -m tests.unit_tests.models.workers.energon_worker routing|resume DATASET OUT_JSON
+    python -m tests.unit_tests.models.workers.energon_worker routing|resume|val DATASET OUT_JSON
 """
 
 import gc
@@ -97,9 +97,35 @@ def resume(root: str) -> dict:
     return out
 
 
+def val(root: str) -> dict:
+    """The val split through the provider: an encoder rank feeding two lanes (routed and not)
+    and the two LLM ranks, each reading more micro-batches than a pass holds."""
+    from examples.mimo.data import energon
+    from examples.mimo.interfaces import RankData
+
+    def rank(is_llm, dp_rank):
+        return RankData(is_llm=is_llm, dp_rank=dp_rank, llm_dp=2, encoder_dp=1, micro_batch_size=4,
+                        num_microbatches=1, seq_length=64, seed=1, with_images=True)
+
+    def cfg(routing):
+        return energon.EnergonDataConfig(
+            data_path=os.path.join(root, "blend.yaml"), tokenizer_type="HuggingFaceTokenizer",
+            tokenizer_model=os.path.join(root, "tokenizer"), num_workers=1,
+            packing_buffer_size=None, shuffle_buffer_size=0, max_samples_per_sequence=None,
+            data_error_policy="fail", lane_routing=routing)
+
+    out = {}
+    for name, r, routing in (("encoder", rank(False, 0), True), ("encoder_per_lane", rank(False, 0), False),
+                             ("llm0", rank(True, 0), True), ("llm1", rank(True, 1), True)):
+        it = energon.build_iterator(cfg(routing), spec=SPEC, rank=r, to_model=lambda b: b, split="val")
+        KEEP.append(it)
+        out[name] = [it.next_batch()["keys"] for _ in range(40)]
+    return out
+
+
 if __name__ == "__main__":
     mode, root, path = sys.argv[1:4]
     with open(path, "w") as f:
-        json.dump({"routing": routing, "resume": resume}[mode](root), f)
+        json.dump({"routing": routing, "resume": resume, "val": val}[mode](root), f)
     sys.stdout.flush()
     os._exit(0)  # without waiting for every loader's workers to be joined one by one
