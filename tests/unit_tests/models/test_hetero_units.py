@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from examples.mimo import train_hetero
 from examples.mimo.data import DATA_PROVIDERS
@@ -43,6 +44,41 @@ def test_lane_iterator_state_round_trips():
     assert seen[0] == [2, 3]
     with pytest.raises(ValueError, match="consumed samples 5 is not a whole number"):
         b.load_state_dict({"consumed_samples": 5})
+
+
+def test_mock_val_split_has_other_samples_of_the_same_form():
+    from examples.mimo.data import mock
+    from examples.mimo.interfaces import DataSpec, RankData
+
+    cfg = mock.MockDataConfig(text_only_fraction=0.0, text_vocab=None)
+    spec = DataSpec(vocab_size=64, image_token_id=63, image_tokens=4, image_shape=(3, 8, 8))
+    rank = RankData(is_llm=True, dp_rank=0, llm_dp=1, encoder_dp=1, micro_batch_size=2,
+                    num_microbatches=1, seq_length=16, seed=3, with_images=True)
+    train, val = (next(mock.build_iterator(cfg, spec=spec, rank=rank, to_model=dict, split=split))
+                  for split in ("train", "val"))
+    assert {k: v.shape for k, v in train.items()} == {k: v.shape for k, v in val.items()}
+    assert not torch.equal(train["input_ids"], val["input_ids"])
+    with pytest.raises(ValueError, match="not 'test'"):
+        mock.build_iterator(cfg, spec=spec, rank=rank, to_model=dict, split="test")
+
+
+def test_data_wait_counts_the_time_spent_in_next_and_resets():
+    import time
+
+    from examples.mimo.training.hetero.logger import DataWait
+
+    def slow():
+        while True:
+            time.sleep(0.02)
+            yield 1
+
+    timed = DataWait(slow())
+    start = time.perf_counter()
+    assert [next(timed) for _ in range(3)] == [1, 1, 1]
+    time.sleep(0.05)  # time between next() calls is not data time
+    elapsed = time.perf_counter() - start
+    waited = timed.take()
+    assert 0.06 <= waited <= elapsed - 0.05 and timed.take() == 0.0
 
 
 @pytest.mark.parametrize("llm_dp, encoder_dp", [(1, 1), (2, 1), (4, 2), (2, 2), (1, 2), (2, 4)])

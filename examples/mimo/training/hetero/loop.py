@@ -12,7 +12,7 @@ from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
 from examples.mimo.training.hetero.errors import TrainingDiverged
 from examples.mimo.training.hetero.grad_sync import GradSync
-from examples.mimo.training.hetero.logger import IntervalLogger, report_peak_memory
+from examples.mimo.training.hetero.logger import DataWait, IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.state import TrainState
@@ -57,6 +57,7 @@ def train(rt: Runtime) -> list:
     configure_schedule(rt, grad_sync)
     state = TrainState()
     data = data_iterator(rt)
+    timed_data = DataWait(data)
     checkpointer = Checkpointer(rt, optimizer=optimizer, scheduler=scheduler, train_state=state,
                                 data=data)
     restored = ck.load is not None and checkpointer.load()
@@ -88,9 +89,9 @@ def train(rt: Runtime) -> list:
     try:
         while state.iteration < cfg.schedule.train_iters:
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
-                                grad_sync=grad_sync, data_iterator=data)
+                                grad_sync=grad_sync, data_iterator=timed_data)
             state.advance(global_batch=cfg.batch.global_batch_size, skipped=result.skipped)
-            log.record(state, result)
+            log.record(state, result, data_wait_s=timed_data.take())
             results.append(result)
             # The skip decision is world-wide, so every rank stops here together.
             if limit and state.consecutive_skipped >= limit:
