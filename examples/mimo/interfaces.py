@@ -61,6 +61,12 @@ class DataSpec:
     # how images are normalised after resizing to image_shape: (pixel - mean) / std per channel
     pixel_mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Dynamic resolution: each image keeps its aspect ratio, scaled down to at most image_shape's
+    # area and max_image_side per side, in multiples of 2 x patch_dim (2x2 patches make one
+    # token); the encoder takes its patches packed ([patches, C p^2]) with imgs_sizes.
+    dynamic_resolution: bool = False
+    patch_dim: int = 0
+    max_image_side: int = 0
 
 
 @runtime_checkable

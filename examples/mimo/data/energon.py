@@ -96,10 +96,14 @@ def check_dataset(path: str) -> None:
                 if not os.path.isdir(os.path.join(sub, ".nv-meta")) and not os.path.isfile(sub):
                     raise ValueError(f"--data-path {path}: blend entry {entry.get('path')!r} is not "
                                      f"a prepared energon dataset ({sub})")
-    from megatron.energon import load_dataset
+    from megatron.energon import WorkerConfig, load_dataset
 
     try:
-        load_dataset(path)
+        # the train split too: an empty one (too few shards for the split ratios) is found here,
+        # not in every rank's loader
+        load_dataset(path).get_datasets(training=True, split_part="train",
+                                        worker_config=WorkerConfig(rank=0, world_size=1,
+                                                                   num_workers=0))
     except Exception as err:  # energon raises many kinds; one line, naming the flag
         raise ValueError(f"--data-path {path}: energon cannot read it: "
                          f"{str(err).splitlines()[0][:300]}") from None

@@ -69,8 +69,11 @@ def model_inputs(batch: dict, *, role: str, encoder_module: str, encoder_name: s
         } | ({} if mask is None else {"attention_mask": mask.to(device)})
     modality_inputs = None
     if batch["images"] is not None:
-        stacked = batch["images"].to(device=device, dtype=dtype)
-        modality_inputs = {encoder_module: {encoder_name: {"images": stacked}}}
+        images = batch["images"].to(device=device, dtype=dtype)
+        sizes = batch.get("imgs_sizes")
+        encoder_inputs = ({"images": images} if sizes is None else  # dynamic resolution: packed
+                          {"packed_patches": images[None], "imgs_sizes": sizes.tolist()})
+        modality_inputs = {encoder_module: {encoder_name: encoder_inputs}}
     # With fan-in each encoder rank feeds exactly one LLM rank, so the per-sample split that
     # MimoModel derives from input_ids is not needed; megatron-core 0.19.2 rejects that split
     # for uneven per-sample image counts under fan-in, which text-only samples produce.

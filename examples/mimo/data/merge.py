@@ -59,7 +59,7 @@ def _packed_seq_params(name: str, parts: list) -> Optional[PackedSeqParams]:
 # Task-encoder micro-batches (see task_encoder.MimoTaskEncoder.batch), lane after lane.
 LANE_BATCH: Dict[str, Callable[[str, list], object]] = {
     "input_ids": _cat_rows, "labels": _cat_rows, "loss_mask": _cat_rows, "images": _cat_rows,
-    "seqlens": _concat_lists, "keys": _concat_lists, "__restore_key__": _concat_lists,
+    "imgs_sizes": _cat_rows, "seqlens": _concat_lists, "keys": _concat_lists, "__restore_key__": _concat_lists,
     "dropped": _sum,
 }
 

@@ -54,6 +54,9 @@ def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bo
     if 1 <= spec.image_token_id <= text_vocab:
         raise ValueError(f"image token id {spec.image_token_id} lies among the mock text ids "
                          f"1..{text_vocab}; pick an id above them (or lower --mock-text-vocab)")
+    if spec.dynamic_resolution:
+        raise ValueError("--dynamic-resolution needs images of their own sizes: use "
+                         "--data-provider energon (mock images are all one size)")
     if seq_length < spec.image_tokens + 2:
         raise ValueError(f"--seq-length {seq_length} must be >= image tokens {spec.image_tokens} + 2")
     if fan_in and cfg.text_only_fraction > 0:

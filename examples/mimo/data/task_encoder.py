@@ -11,7 +11,8 @@ within each sample; a batch pads rows to --seq-length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+import math
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ class EncodedSample:
     input_ids: torch.Tensor  # [n] int64
     labels: torch.Tensor  # [n]
     loss_mask: torch.Tensor  # [n] float
-    images: List[torch.Tensor]  # [C, H, W] each, in placeholder order
+    images: List[torch.Tensor]  # [C, H, W] each, or [patches, C p^2] (dynamic), placeholder order
+    image_sizes: List[Tuple[int, int]]  # (h, w) pixels of each image as the encoder sees it
     seqlens: List[int]  # per packed sample; one entry when unpacked
     keys: List[str]  # source sample keys, in row order
 
@@ -62,18 +64,19 @@ class MimoTaskEncoder(DefaultTaskEncoder):
         if isinstance(sample, TextSample):
             ids = self.tok.text_to_ids(sample.text) + [self.tok.eos_id]
             target = [True] * len(ids)
-            image = None
+            image = size = None
         elif isinstance(sample, (CaptioningSample, VQASample)):
             if isinstance(sample, CaptioningSample):
                 prompt, answer = CAPTION_PROMPT, sample.caption
             else:
                 prompt, answer = sample.context, (sample.answers or [""])[0]
-            image = self._image(sample.image) if self.with_images else None
+            image, size = self._image(sample.image) if self.with_images else (None, None)
             user = (self.tok.image_token + prompt) if image is not None else prompt
             head = self.tok.chat_prompt(user)
             if image is not None:
+                placeholders = self._tokens(size)
                 at = head.index(self.spec.image_token_id)
-                head = head[:at] + [self.spec.image_token_id] * self.spec.image_tokens + head[at + 1:]
+                head = head[:at] + [self.spec.image_token_id] * placeholders + head[at + 1:]
             tail = self.tok.text_to_ids(answer) + [self.tok.eos_id]
             ids, target = head + tail, [False] * len(head) + [True] * len(tail)
         else:
@@ -81,7 +84,7 @@ class MimoTaskEncoder(DefaultTaskEncoder):
                             f"{type(sample).__name__} (CaptioningSample, VQASample, TextSample)")
         # n + 1 tokens give n positions: the label of position i is token i + 1
         ids, target = ids[:self.seq_length + 1], target[:self.seq_length + 1]
-        if image is not None and ids.count(self.spec.image_token_id) != self.spec.image_tokens:
+        if image is not None and ids.count(self.spec.image_token_id) != placeholders:
             count_dropped()  # the prompt alone is longer than --seq-length
             raise SkipSample()
         ids_t = torch.tensor(ids, dtype=torch.long)
@@ -89,16 +92,29 @@ class MimoTaskEncoder(DefaultTaskEncoder):
             __key__=sample.__key__, __restore_key__=sample.__restore_key__,
             input_ids=ids_t[:-1], labels=ids_t[1:],
             loss_mask=torch.tensor(target[1:], dtype=torch.float32),
-            images=[image] if image is not None else [], seqlens=[len(ids) - 1], keys=[sample.__key__])
+            images=[image] if image is not None else [], image_sizes=[size] if size else [],
+            seqlens=[len(ids) - 1], keys=[sample.__key__])
 
-    def _image(self, image: torch.Tensor) -> torch.Tensor:
-        """[C, H, W] in [0, 1] (energon's torchrgb decode) -> the provider's size, normalised."""
-        _, h, w = self.spec.image_shape
+    def _image(self, image: torch.Tensor):
+        """[C, H, W] in [0, 1] (energon's torchrgb decode) -> (the encoder's input, (h, w)):
+        resized to the provider's size, or for dynamic resolution to ``dynamic_size`` and
+        patchified; normalised with the provider's mean and std."""
+        from examples.mimo.model_providers.radio_encoder import patchify
+
+        spec = self.spec
         image = image.float()
+        h, w = (dynamic_size(image.shape[-2:], spec) if spec.dynamic_resolution
+                else spec.image_shape[1:])
         if image.shape[-2:] != (h, w):
             image = F.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True,
                                   align_corners=False)[0]
-        return (image - self.mean) / self.std
+        image = (image - self.mean) / self.std
+        return (patchify(image, spec.patch_dim) if spec.dynamic_resolution else image), (h, w)
+
+    def _tokens(self, size: Tuple[int, int]) -> int:
+        if not self.spec.dynamic_resolution:
+            return self.spec.image_tokens
+        return (size[0] // self.spec.patch_dim // 2) * (size[1] // self.spec.patch_dim // 2)
 
     # ---- packing (--packing-buffer-size) ----------------------------------------------------
 
@@ -126,6 +142,7 @@ class MimoTaskEncoder(DefaultTaskEncoder):
             labels=torch.cat([s.labels for s in samples]),
             loss_mask=torch.cat([s.loss_mask for s in samples]),
             images=[im for s in samples for im in s.images],
+            image_sizes=[hw for s in samples for hw in s.image_sizes],
             seqlens=[n for s in samples for n in s.seqlens], keys=[k for s in samples for k in s.keys])
 
     # ---- micro-batch ------------------------------------------------------------------------
@@ -139,17 +156,32 @@ class MimoTaskEncoder(DefaultTaskEncoder):
             return torch.stack([F.pad(r, (0, self.seq_length - r.numel()), value=value) for r in rows])
 
         images = [im for s in samples for im in s.images]
+        sizes = [hw for s in samples for hw in s.image_sizes]
         dropped, _dropped_in_worker = _dropped_in_worker, 0
+        dynamic = self.spec.dynamic_resolution
         return {
             "__restore_key__": (),
             "input_ids": pad("input_ids", self.tok.pad_id),
             "labels": pad("labels", self.tok.pad_id),
             "loss_mask": pad("loss_mask", 0.0),
-            "images": torch.stack(images) if images else None,
+            # dynamic: every image's patches back to back, [patches, C p^2], with their sizes
+            "images": (torch.cat if dynamic else torch.stack)(images) if images else None,
+            "imgs_sizes": torch.tensor(sizes, dtype=torch.long) if dynamic and sizes else None,
             "seqlens": [s.seqlens for s in samples],
             "keys": [s.keys for s in samples],
             "dropped": dropped,
         }
+
+
+def dynamic_size(hw, spec: DataSpec) -> Tuple[int, int]:
+    """An image's encoder size at dynamic resolution: its aspect ratio, scaled down (never up)
+    to at most the provider's fixed-resolution area and ``max_image_side`` per side, each side a
+    multiple of 2 x patch_dim (at least one token)."""
+    h, w = int(hw[0]), int(hw[1])
+    unit = 2 * spec.patch_dim
+    scale = min(1.0, math.sqrt(spec.image_shape[1] * spec.image_shape[2] / (h * w)),
+                spec.max_image_side / max(h, w))
+    return (max(unit, int(h * scale) // unit * unit), max(unit, int(w * scale) // unit * unit))
 
 
 def position_ids(seqlens: List[List[int]], seq_length: int) -> torch.Tensor:

@@ -248,7 +248,9 @@ def vision_params(a: Architecture, projection_type: str) -> Tuple[int, int]:
 def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
     a = cfg.arch
     return DataSpec(vocab_size=a.vocab_size, image_token_id=cfg.image_token_id,
-                    image_tokens=cfg.image_tokens, image_shape=(3, a.img_h, a.img_w))
+                    image_tokens=cfg.image_tokens, image_shape=(3, a.img_h, a.img_w),
+                    dynamic_resolution=cfg.dynamic_resolution, patch_dim=a.patch_dim,
+                    max_image_side=a.max_img_size)
 
 
 def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,

@@ -40,18 +40,20 @@ def scene(rng: random.Random) -> dict:
             "count": rng.randint(1, 3), "place": rng.choice(list(PLACES))}
 
 
-def draw(s: dict, size: int) -> bytes:
+def draw(s: dict, size: int, aspect: float = 1.0) -> bytes:
+    """A size-high image, aspect x size wide."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (size, size), (245, 245, 245))
+    w = round(size * aspect)
+    img = Image.new("RGB", (w, size), (245, 245, 245))
     d = ImageDraw.Draw(img)
     cx, cy = PLACES[s["place"]]
-    r = size // 10
+    r = min(w, size) // 10
     # several shapes sit in a short row (or column) around the named place
     horizontal = s["place"] in ("top", "bottom")
     for i in range(s["count"]):
         off = (i - (s["count"] - 1) / 2) * 2.4 * r
-        x = cx * size + (off if horizontal else 0)
+        x = cx * w + (off if horizontal else 0)
         y = cy * size + (0 if horizontal else off)
         box = [x - r, y - r, x + r, y + r]
         colour = COLOURS[s["colour"]]
@@ -162,7 +164,7 @@ splits:
 
 
 def build(out: str, *, samples: int, seed: int, image_size: int, vocab_size: int,
-          weights: Tuple[float, float, float]) -> None:
+          weights: Tuple[float, float, float], aspects: Tuple[float, ...] = (1.0,)) -> None:
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"error: {out} exists and is not empty; give a new folder")
     rng = random.Random(seed)
@@ -170,10 +172,11 @@ def build(out: str, *, samples: int, seed: int, image_size: int, vocab_size: int
     questions = [question(s, rng) for s in scenes[samples:]]
     texts = [text_line(rng) for _ in range(samples)]
     write_shards(os.path.join(out, "captions"),
-                 ({"__key__": f"cap{i:06d}", "png": draw(s, image_size), "txt": caption(s)}
+                 ({"__key__": f"cap{i:06d}", "png": draw(s, image_size, aspects[i % len(aspects)]),
+                   "txt": caption(s)}
                   for i, s in enumerate(scenes[:samples])))
     write_shards(os.path.join(out, "vqa"),
-                 ({"__key__": f"vqa{i:06d}", "png": draw(s, image_size),
+                 ({"__key__": f"vqa{i:06d}", "png": draw(s, image_size, aspects[i % len(aspects)]),
                    "json": json.dumps({"question": q, "answers": [a]})}
                   for i, (s, (q, a)) in enumerate(zip(scenes[samples:], questions))))
     write_shards(os.path.join(out, "text"),
@@ -199,13 +202,23 @@ def main(argv: List[str]) -> int:
                    help="Tokenizer vocabulary, <image> included (the models' --vocab-size).")
     p.add_argument("--weights", default="0.35,0.35,0.3",
                    help="Blend weights of captions, VQA and text.")
+    p.add_argument("--aspect-ratios", default="1",
+                   help="Image width/height ratios, taken in turn (e.g. 1,2,0.5 for "
+                        "--dynamic-resolution); heights are --image-size.")
     a = p.parse_args(argv)
+    try:
+        aspects = tuple(float(x) for x in a.aspect_ratios.split(","))
+    except ValueError:
+        aspects = ()
+    if not aspects or min(aspects) <= 0:
+        print(f"error: --aspect-ratios {a.aspect_ratios} must be positive numbers", file=sys.stderr)
+        return 2
     weights = tuple(float(w) for w in a.weights.split(","))
     if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
         print(f"error: --weights {a.weights} must be three non-negative numbers", file=sys.stderr)
         return 2
     build(a.out, samples=a.samples, seed=a.seed, image_size=a.image_size,
-          vocab_size=a.vocab_size, weights=weights)
+          vocab_size=a.vocab_size, weights=weights, aspects=aspects)
     print(f"wrote {a.out}: captions, vqa, text (train/val), blend.yaml, tokenizer")
     return 0
 

@@ -70,6 +70,36 @@ def test_vqa_loss_mask_covers_exactly_the_answer_tokens(data):
     assert batch["loss_mask"][0, enc.loss_mask.numel():].sum() == 0  # padding never counts
 
 
+def test_dynamic_resolution_keeps_the_aspect_ratio_under_the_token_budget(data):
+    from megatron.energon import CaptioningSample
+
+    from examples.mimo.data.task_encoder import MimoTaskEncoder, dynamic_size
+    from examples.mimo.data.tokenizer import Tokenizer
+    from examples.mimo.interfaces import DataSpec
+
+    # budget: the fixed 32x32 area (4 tokens of 2x2 patches of 8 px); sides up to 64 px
+    spec = DataSpec(vocab_size=256, image_token_id=255, image_tokens=4, image_shape=(3, 32, 32),
+                    dynamic_resolution=True, patch_dim=8, max_image_side=64)
+    assert dynamic_size((32, 128), spec) == (16, 64)  # 1:4 kept, 512 px <= 1024 px
+    assert dynamic_size((16, 16), spec) == (16, 16)  # never scaled up
+    assert dynamic_size((20, 200), spec) == (16, 64)  # the longer side capped
+    assert dynamic_size((3, 3), spec) == (16, 16)  # at least one token
+    encoder = MimoTaskEncoder(tokenizer=Tokenizer(str(data / "tokenizer")), spec=spec,
+                              seq_length=64, with_images=True)
+
+    def caption(key, h, w):
+        return CaptioningSample(__key__=key, __restore_key__=(), __subflavors__=None,
+                                __sources__=None, image=torch.rand(3, h, w), caption="a red square")
+
+    wide, square = encoder.encode_sample(caption("w", 32, 128)), encoder.encode_sample(caption("s", 32, 32))
+    assert wide.image_sizes == [(16, 64)] and (wide.input_ids == 255).sum() == 1 * 4
+    assert square.image_sizes == [(32, 32)] and (square.input_ids == 255).sum() == 2 * 2
+    assert wide.images[0].shape == (2 * 8, 3 * 8 * 8)  # 2x8 patches of 3*8*8 values
+    batch = encoder.batch([wide, square])
+    assert batch["images"].shape == (16 + 16, 192) and batch["imgs_sizes"].tolist() == [[16, 64], [32, 32]]
+    assert torch.equal(batch["images"][16:], square.images[0])  # image after image, in order
+
+
 def test_merge_follows_the_schema_not_the_shapes():
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -176,6 +206,12 @@ def test_bad_energon_input_is_named_before_anything_starts(data, tmp_path):
     check_fails(["--data-provider", "energon", "--data-path", str(tmp_path / "nope"),
                  "--tokenizer-model", str(data / "tokenizer")], r"--data-path .*nope: no such file")
     (tmp_path / "plain").mkdir()
+    small = tmp_path / "small"  # one shard: the 80/20 split leaves the train split empty
+    subprocess.run([sys.executable, str(SCRIPT), str(small), "--samples", "16"], check=True,
+                   capture_output=True, timeout=120, env=ENV)
+    check_fails(["--data-provider", "energon", "--data-path", str(small / "blend.yaml"),
+                 "--tokenizer-model", str(data / "tokenizer")],
+                r"energon cannot read it: No shards found in split part 'train'")
     check_fails(["--data-provider", "energon", "--data-path", str(tmp_path / "plain"),
                  "--tokenizer-model", str(data / "tokenizer")], r"not a prepared energon dataset")
     blend = tmp_path / "blend.yaml"
@@ -274,6 +310,23 @@ def test_reading_data_leaves_the_training_rng_alone(data):
 # ---- training through the launcher ------------------------------------------------------------
 
 # Training on the blend through the launcher is in docs/results.md (not here: CI time).
+
+
+def test_dynamic_resolution_trains_on_images_of_three_aspect_ratios(tmp_path):
+    """Nemotron tiny-cpu, encoder DP1 feeding LLM DP2 (two lanes merged: packed patches and
+    imgs_sizes), packing, images 32x32, 64x32 and 16x32 at their own sizes."""
+    from tests.unit_tests.models.dist_harness import train
+
+    ds = tmp_path / "ds"
+    subprocess.run([sys.executable, str(SCRIPT), str(ds), "--samples", "128", "--aspect-ratios",
+                    "1,2,0.5"], check=True, capture_output=True, timeout=120, env=ENV)
+    metrics = train(3, tmp_path, ["--model-provider", "nemotron_moe_vlm", "--model-preset",
+                                  "tiny-cpu", "--dynamic-resolution", "--llm-dp", "2",
+                                  "--global-batch-size", "8", "--micro-batch-size", "2",
+                                  "--seq-length", "64", "--train-iters", "3", "--num-workers", "1",
+                                  "--packing-buffer-size", "4", *energon_args(ds)])
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert all(m["loss_tokens"] > 0 and m["lm_loss"] == m["lm_loss"] for m in metrics)
 
 
 def test_a_dying_loader_worker_ends_every_rank(data, tmp_path):

@@ -170,6 +170,8 @@ def test_dry_run_prints_the_layout(capsys, monkeypatch):
     (["--train-iter", "5"], "error: unrecognized arguments: --train-iter 5"),
     (["--train-iters", "5", "--llm-dp", "x"], "error: argument --llm-dp: invalid int value: 'x'"),
     (["--train-iters", "5", "--llm-dp", "2"], "error: world size 2 != encoder ranks"),
+    (["--train-iters", "5", "--model-provider", "nemotron_moe_vlm", "--dynamic-resolution"],
+     "error: --dynamic-resolution needs images of their own sizes: use --data-provider energon"),
 ])
 def test_configuration_errors_are_one_line_and_exit_2(argv, message, capfd, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
