@@ -139,7 +139,9 @@ class LaneStreams:
         for i, lane in enumerate(saved["queued"]):
             source = 0 if self.routed else i
             for w, keys in enumerate(lane):
-                if keys and source not in restorers:
+                if not keys:
+                    continue
+                if source not in restorers:
                     restorers[source] = self._make(self._configs[source])
                 with torch.random.fork_rng(devices=[]):
                     self._queues[i][w] = deque(

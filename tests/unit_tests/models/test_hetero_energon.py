@@ -317,6 +317,9 @@ def test_dynamic_resolution_trains_on_images_of_three_aspect_ratios(tmp_path):
     imgs_sizes), packing, images 32x32, 64x32 and 16x32 at their own sizes."""
     from tests.unit_tests.models.dist_harness import train
 
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "bad"), "--aspect-ratios",
+                          "1,0"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert bad.returncode == 2 and "--aspect-ratios 1,0 must be positive" in bad.stderr
     ds = tmp_path / "ds"
     subprocess.run([sys.executable, str(SCRIPT), str(ds), "--samples", "128", "--aspect-ratios",
                     "1,2,0.5"], check=True, capture_output=True, timeout=120, env=ENV)
