@@ -110,7 +110,9 @@ class DataProvider(Protocol):
     def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
                        to_model: Callable[[dict], dict], split: str = "train") -> "DataIterator":
         """This rank's micro-batches in schedule order. Each is a dict {input_ids, labels,
-        loss_mask, images ([n, C, H, W] or None), optional position_ids and attention_mask}
+        loss_mask, images ([n, C, H, W], or at dynamic resolution packed patches [patches,
+        C p^2] with imgs_sizes [n, 2]; None without images), optional position_ids and
+        attention_mask}
         passed through ``to_model`` (which makes this role's MimoModel.forward kwargs).
         ``split="val"``: the validation split, endless (pass after pass), not checkpointed."""
 

@@ -2,16 +2,17 @@
 
 A sample becomes (input_ids, labels, loss_mask) of its own length: an image sample's prompt goes
 through the tokenizer's chat template with one ``<image>`` that expands to the model's number of
-placeholder tokens; the loss covers only the answer (caption) tokens and the end-of-turn token,
-never the prompt, the placeholders or padding. Text samples train on every next token. Packing
+placeholder tokens (at --dynamic-resolution, that image's own count: see ``dynamic_size``); the
+loss covers only the answer (caption) tokens and the end-of-turn token, never the prompt, the
+placeholders or padding. Text samples train on every next token. Packing
 concatenates samples into one row and records their lengths, so the model can keep attention
 within each sample; a batch pads rows to --seq-length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
