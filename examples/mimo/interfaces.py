@@ -112,7 +112,7 @@ class DataProvider(Protocol):
         """This rank's micro-batches in schedule order. Each is a dict {input_ids, labels,
         loss_mask, images ([n, C, H, W], or at dynamic resolution packed patches [patches,
         C p^2] with imgs_sizes [n, 2]; None without images), optional position_ids and
-        attention_mask}
+        packing_kwargs (packed rows: data/task_encoder.packed_sequence_kwargs)}
         passed through ``to_model`` (which makes this role's MimoModel.forward kwargs).
         ``split="val"``: the validation split, endless (pass after pass), not checkpointed."""
 

@@ -126,11 +126,6 @@ def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, fan_in:
         # rank must emit the same number of image tokens per micro-batch, which a blend does not.
         raise ValueError("--data-provider energon needs --encoder-dp <= --llm-dp (fan-in needs "
                          "equal image counts per encoder rank)")
-    if cfg.packing_buffer_size is not None and llm_only:
-        # MimoModel's colocated forward drops attention_mask, so packed samples would attend
-        # across their boundaries on the local path.
-        raise ValueError("--packing-buffer-size with --llm-only is not supported (the packed "
-                         "attention mask does not reach the language model there)")
 
 
 class _ErrorHandler:
@@ -181,12 +176,16 @@ class _LaneBatches:
         return merge(parts, LANE_BATCH) if len(parts) > 1 else parts[0]
 
     def __next__(self) -> dict:
-        from examples.mimo.data.task_encoder import block_causal_mask, position_ids
+        from examples.mimo.data.task_encoder import packed_sequence_kwargs, position_ids
 
         batch = self.next_batch()
-        seq = self.rank.seq_length
-        batch["position_ids"] = position_ids(batch["seqlens"], seq)
-        batch["attention_mask"] = block_causal_mask(batch["seqlens"], seq)
+        if self.rank.is_llm:
+            seq = self.rank.seq_length
+            batch["position_ids"] = position_ids(batch["seqlens"], seq)
+            # Every micro-batch of a packing run takes the THD layout, also one whose rows hold a
+            # sample each, so activation shapes and kernels do not change from step to step.
+            if self.cfg.packing_buffer_size is not None:
+                batch["packing_kwargs"] = packed_sequence_kwargs(batch["seqlens"], seq)
         return self.to_model(batch)
 
     @property

@@ -53,20 +53,27 @@ def stack_samples(samples: List[Dict[str, Optional[torch.Tensor]]]) -> dict:
 
 def model_inputs(batch: dict, *, role: str, encoder_module: str, encoder_name: str, fan_in: bool,
                  device: torch.device, dtype: torch.dtype) -> dict:
-    """A micro-batch {input_ids, labels, loss_mask, images, [position_ids, attention_mask]} ->
-    MimoModel.forward kwargs for this rank's role."""
+    """A micro-batch {input_ids, labels, loss_mask, images, [position_ids, packing_kwargs]} ->
+    MimoModel.forward kwargs for this rank's role.
+
+    A packed micro-batch (``packing_kwargs``, see task_encoder.packed_sequence_kwargs) goes to the
+    LLM as one THD row [1, b * s], the layout megatron-core's packed-sequence kernels take."""
     input_ids = batch["input_ids"].to(device)
     if role == LLM:
         b, seq = input_ids.shape
         positions = batch.get("position_ids")
-        mask = batch.get("attention_mask")
-        return {
+        inputs = {
             "input_ids": input_ids,
             "position_ids": (torch.arange(seq, device=device).expand(b, seq).contiguous()
                              if positions is None else positions.to(device)),
             "labels": batch["labels"].to(device),
             "loss_mask": batch["loss_mask"].to(device),
-        } | ({} if mask is None else {"attention_mask": mask.to(device)})
+        }
+        packing = batch.get("packing_kwargs")
+        if packing is None:
+            return inputs
+        return {k: v.reshape(1, -1) for k, v in inputs.items()} | {"packing_kwargs": {
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in packing.items()}}
     modality_inputs = None
     if batch["images"] is not None:
         images = batch["images"].to(device=device, dtype=dtype)

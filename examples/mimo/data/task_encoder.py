@@ -195,14 +195,22 @@ def position_ids(seqlens: List[List[int]], seq_length: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def block_causal_mask(seqlens: List[List[int]], seq_length: int) -> Optional[torch.Tensor]:
-    """[b, 1, s, s], True = masked: causal within each packed sample, nothing across samples.
-    None when no row holds more than one sample (the layer's own causal mask is then exact)."""
-    if all(len(lens) <= 1 for lens in seqlens):
-        return None
-    masks = []
-    for lens in seqlens:
-        seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)] +
-                        [torch.full((seq_length - sum(lens),), len(lens))])
-        masks.append((seg[:, None] != seg[None, :]) | torch.ones(seq_length, seq_length).triu(1).bool())
-    return torch.stack(masks)[:, None]
+def packed_sequence_kwargs(seqlens: List[List[int]], seq_length: int) -> dict:
+    """MimoModel ``packing_kwargs`` for a packed micro-batch of b rows flattened into one THD
+    sequence of b * s tokens: a segment per packed sample, each row's padding in its last one.
+
+    TE attention and Mamba (``seq_idx``, from ``total_tokens``) then keep every sample to itself;
+    ``tokens_per_sample`` = s lets megatron's MoE layers and our local attention see the rows
+    again (the sequence aux loss per row, a [b, s, s] mask rather than a [bs, bs] one)."""
+    bounds = [0]
+    for row, lens in enumerate(seqlens):
+        start = row * seq_length
+        for n in lens[:-1]:
+            start += n
+            bounds.append(start)
+        bounds.append((row + 1) * seq_length)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seqlens_q": cu, "cu_seqlens_kv": cu.clone(), "max_seqlen_q": longest,
+            "max_seqlen_kv": longest, "total_tokens": len(seqlens) * seq_length,
+            "tokens_per_sample": seq_length}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from examples.mimo.interfaces import DataSpec, ModelFacts
-from examples.mimo.model_providers import common
+from examples.mimo.model_providers import common, specs
 
 NAME = "mock"
 VIT_ENCODER = "vit"
@@ -172,8 +172,10 @@ def language_spec(cfg: MockModelConfig, *, pg_collection, tp: int, pp: int, dtyp
     config = common.transformer_config(
         tp=tp, pp=pp, dtype=dtype, num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
+    layer = get_gpt_layer_local_spec()
+    layer.submodules.self_attention.submodules.core_attention = specs.packed_local_attention()
     return ModuleSpec(module=GPTModel, params=dict(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+        config=config, transformer_layer_spec=layer,
         vocab_size=cfg.vocab_size, max_sequence_length=seq_length,
         pre_process=pp_rank == 0, post_process=pp_rank == pp - 1,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",

@@ -7,6 +7,7 @@ final norm is not the TENorm that ``HybridStack`` hard-wires).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 
@@ -37,15 +38,17 @@ def mamba_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
-def _packed_local_attention():
+def packed_local_attention():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
 
     class PackedLocalAttention(DotProductAttention):
-        """Local attention that also takes packed (THD) sequences, as a block-diagonal mask.
+        """Local attention that also takes packed (THD) sequences, as a block-diagonal mask:
+        TE attends within each segment by ``cu_seqlens``, and this does the same locally.
 
-        Dynamic-resolution RADIO packs every image of a batch into one sequence; TE attends within
-        each image by ``cu_seqlens``, and this does the same with a mask over the packed sequence.
-        """
+        Two packings reach it: dynamic-resolution RADIO's images, one sequence with a segment per
+        image; and a packed LLM micro-batch, b rows of ``tokens_per_sample`` tokens flattened,
+        which is attended row by row ([b, s, s] masks, as unpacked, not one [bs, bs])."""
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
@@ -53,12 +56,19 @@ def _packed_local_attention():
                 return super().forward(query, key, value, attention_mask, attn_mask_type,
                                        attention_bias)
             # Attention hands THD tensors over as [t, heads, dim]; the local kernel wants sbhd.
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            t = query.size(0)
+            s = packed_seq_params.tokens_per_sample or t
             bounds = packed_seq_params.cu_seqlens_q.to(query.device)
-            segment = torch.bucketize(torch.arange(query.size(0), device=query.device),
-                                      bounds[1:], right=True)
-            mask = (segment[:, None] != segment[None, :])[None, None]  # True = not attended
-            return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
+            segment = torch.bucketize(torch.arange(t, device=query.device), bounds[1:],
+                                      right=True).view(t // s, s)
+            mask = segment[:, :, None] != segment[:, None, :]  # True = not attended
+            if self.attn_mask_type == AttnMaskType.causal:
+                mask = mask | torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+            query, key, value = (x.view(t // s, s, *x.shape[1:]).transpose(0, 1).contiguous()
+                                 for x in (query, key, value))
+            out = super().forward(query, key, value, mask[:, None], attn_mask_type,
+                                  attention_bias)  # [s, b, heads * dim]
+            return out.transpose(0, 1).reshape(t, -1)
 
     return PackedLocalAttention
 
@@ -72,7 +82,7 @@ def vit_layer_spec(impl: str):
     if impl == "transformer_engine":
         return get_vit_layer_with_transformer_engine_spec()
     spec = get_vit_layer_with_local_spec()
-    spec.submodules.self_attention.submodules.core_attention = _packed_local_attention()
+    spec.submodules.self_attention.submodules.core_attention = packed_local_attention()
     return spec
 
 
@@ -103,7 +113,9 @@ def hybrid_stack_spec(impl: str, *, num_experts: int):
     if impl == "transformer_engine":
         from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
 
-        return te_spec
+        spec = copy.deepcopy(te_spec)
+        spec.submodules.mamba_layer.submodules.mixer.module = compat.packed_mamba_mixer()
+        return spec
     return _local_hybrid_stack_spec(num_experts)
 
 
@@ -112,10 +124,9 @@ def _local_hybrid_stack_spec(num_experts: int):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -128,7 +139,7 @@ def _local_hybrid_stack_spec(num_experts: int):
     # TE fuses each pre-norm into the following linear; locally the norm is its own module.
     mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
         norm=WrappedTorchNorm,
-        mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+        mixer=ModuleSpec(module=compat.packed_mamba_mixer(), submodules=MambaMixerSubmodules(
             in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
         mamba_bda=get_bias_dropout_add))
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
@@ -136,7 +147,7 @@ def _local_hybrid_stack_spec(num_experts: int):
         self_attention=ModuleSpec(
             module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                               core_attention=DotProductAttention,
+                                               core_attention=packed_local_attention(),
                                                linear_proj=RowParallelLinear)),
         self_attn_bda=get_bias_dropout_add))
     moe = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(

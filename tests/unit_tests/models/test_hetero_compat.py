@@ -17,6 +17,7 @@ fails without it (the training path it exists for):
     reduce_moe_metrics                 test_hetero_nemotron::test_tiny_cpu_preset_trains_in_the_hetero_loop
     local_hybrid_stack                 test_hetero_nemotron (every build of the local hybrid LLM)
     import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
+    packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
 """
 
 import importlib.util
@@ -26,6 +27,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from examples.mimo.training.hetero import compat
 from tests.unit_tests.models.dist_harness import ROOT, torchrun
@@ -47,7 +50,7 @@ def test_every_workaround_has_a_probe():
     public = {name for name, fn in inspect.getmembers(compat, callable)  # lru_cache'd ones too
               if getattr(fn, "__module__", None) == compat.__name__ and not name.startswith("_")}
     assert public - {"active", "version_note", "apply_startup"} == \
-        set(PROBED) | {"import_mamba_triton_kernels"}
+        set(PROBED) | {"import_mamba_triton_kernels", "packed_mamba_mixer"}
 
 
 @pytest.mark.parametrize("name", PROBED)
@@ -82,3 +85,44 @@ def test_canary_mamba_ssm_init_still_needs_its_cuda_extension():
 def test_import_mamba_triton_kernels_lets_megatron_find_them():
     assert have_mamba_mixer("from examples.mimo.training.hetero import compat",
                             "compat.import_mamba_triton_kernels()") == "True"
+
+
+# A subprocess: importing megatron.core.ssm here would fix HAVE_MAMBA_SSM for later tests.
+REFUSES_PACKED = """
+import types, torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.ssm.mamba_mixer import MambaMixer
+fake = types.SimpleNamespace(in_proj=lambda x: (x, None), use_mem_eff_path=False,
+                             cp=types.SimpleNamespace(pre_conv_ssm=lambda x, p: x))
+cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+try:
+    MambaMixer.forward(fake, torch.zeros(8, 1, 4), packed_seq_params=PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, total_tokens=8))
+except AssertionError as e:
+    print("refused:", e)
+"""
+
+
+def test_canary_mamba_mixer_refuses_packed_sequences_off_the_memory_efficient_path():
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", REFUSES_PACKED], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    assert "refused: Training with packed sequences is not supported" in out, \
+        "MambaMixer packs without causal-conv1d now: remove compat.packed_mamba_mixer"
+
+
+def test_packed_mamba_convolution_stays_within_each_sample():
+    """The short convolution of compat.packed_mamba_mixer against torch's conv1d run on each
+    sample alone (the Triton scan's seq_idx is checked on the GPU, test_hetero_gpu_packing)."""
+    torch.manual_seed(0)
+    lengths, channels, width = [5, 1, 7, 3], 6, 4
+    x = torch.randn(1, channels, sum(lengths))
+    weight, bias = torch.randn(channels, 1, width), torch.randn(channels)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    packed = compat._conv1d_within_segments(x, weight, bias, seq_idx)
+    alone = torch.cat([F.conv1d(part, weight, bias, padding=width - 1, groups=channels)
+                       [..., :part.shape[-1]] for part in x.split(lengths, dim=-1)], dim=-1)
+    torch.testing.assert_close(packed, alone, rtol=1e-6, atol=1e-6)
+    # one segment: torch's causal conv exactly as megatron's unpacked path computes it
+    whole = compat._conv1d_within_segments(x, weight, bias, torch.zeros_like(seq_idx))
+    torch.testing.assert_close(whole, F.conv1d(x, weight, bias, padding=width - 1,
+                                               groups=channels)[..., :x.shape[-1]])

@@ -1,0 +1,47 @@
+"""GPU tier, one GPU: packed vs unpacked samples through the Nemotron tiny preset's language
+model (Mamba, attention and MoE layers), with mamba-ssm's Triton kernels.
+
+    pytest tests/unit_tests/models/test_hetero_gpu_packing.py
+
+The same samples once one per row and once packed two rows of several samples, as training
+feeds them (one THD sequence; Mamba told where samples start by seq_idx, attention by
+cu_seqlens). The control zeroes seq_idx, so Mamba state runs on across samples: the test must
+see that. Skips without a GPU.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.unit_tests.models.test_hetero_energon import worker
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def packed_vs_unpacked(data, *flags):
+    out = json.loads(worker("packing_worker", data, "--model", "nemotron", "--device", "cuda",
+                            *flags, timeout=600).stdout.strip().splitlines()[-1])
+    assert min(out["rows"]) >= 3 and out["keys"][0] == out["keys"][1]
+    assert out["tokens"][0] == out["tokens"][1] > 0
+    print(json.dumps({k: out[k] for k in ("rows", "unpacked", "packed", "workarounds")}))
+    return abs(out["packed"] - out["unpacked"]) / abs(out["unpacked"]), out
+
+
+@pytest.fixture(scope="module")
+def data(energon_data):
+    return energon_data
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_packed_equals_unpacked_with_mamba_layers(data, impl):
+    if impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+        pytest.skip("transformer-engine is not installed")
+    fp32, out = packed_vs_unpacked(data, "--impl", impl, "--dtype", "fp32")
+    assert "packed_mamba_mixer" in out["workarounds"]
+    assert fp32 < 1e-5, out
+    bf16, _ = packed_vs_unpacked(data, "--impl", impl, "--dtype", "bf16")
+    assert bf16 < 1e-2  # bf16 noise: 8 mantissa bits through every layer
+    leaked, _ = packed_vs_unpacked(data, "--impl", impl, "--dtype", "fp32", "--cross-samples")
+    assert leaked > 100 * fp32 and leaked > 1e-4, (leaked, fp32)
