@@ -15,5 +15,5 @@ def energon_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("energon") / "ds"
     subprocess.run([sys.executable, str(ROOT / "examples/mimo/scripts/make_sample_energon_dataset.py"),
                     str(out), "--samples", "256"], check=True, capture_output=True, timeout=120,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1"))
     return out

@@ -40,8 +40,9 @@ def test_packed_equals_unpacked_with_mamba_layers(data, impl):
         pytest.skip("transformer-engine is not installed")
     fp32, out = packed_vs_unpacked(data, "--impl", impl, "--dtype", "fp32")
     assert "packed_mamba_mixer" in out["workarounds"]
-    assert fp32 < 1e-5, out
+    assert fp32 < 1e-6, out  # H100: equal bit for bit, local and TE
     bf16, _ = packed_vs_unpacked(data, "--impl", impl, "--dtype", "bf16")
-    assert bf16 < 1e-2  # bf16 noise: 8 mantissa bits through every layer
+    assert bf16 < 1e-3  # bf16 noise (H100: 3e-6 local, 2.5e-5 TE)
+    # The control: Mamba state crossing samples moves the fp32 sum by ~7e-5 (1 Mamba layer of 4)
     leaked, _ = packed_vs_unpacked(data, "--impl", impl, "--dtype", "fp32", "--cross-samples")
-    assert leaked > 100 * fp32 and leaked > 1e-4, (leaked, fp32)
+    assert leaked > max(1e-5, 10 * fp32), (leaked, fp32)
