@@ -69,6 +69,23 @@ class DataSpec:
     max_image_side: int = 0
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """One iteration's work, the whole job together, for counting model FLOPs."""
+
+    sequences: int  # LLM rows of seq_length tokens (the global batch)
+    seq_length: int
+    images: float  # images through the encoder (0 without one)
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Model FLOPs of one iteration, forward and backward, per branch (model_providers/flops.py)."""
+
+    encoder: float  # ViT + projector
+    llm: float
+
+
 @runtime_checkable
 class ModelProvider(Protocol):
     NAME: str
@@ -86,6 +103,9 @@ class ModelProvider(Protocol):
     def build(self, cfg, *, topology, dtype: torch.dtype, seq_length: int,
               device: torch.device) -> torch.nn.Module:
         """This rank's part of the MimoModel, unwrapped, with frozen parts frozen."""
+
+    def flops(self, cfg, work: StepWork) -> StepFlops:
+        """Model FLOPs of an iteration; frozen parts count no weight gradients."""
 
     def module_config(self, module: torch.nn.Module) -> object:
         """The TransformerConfig that DDP uses for a built branch."""

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from examples.mimo.interfaces import DataSpec, ModelFacts
+from examples.mimo.interfaces import DataSpec, ModelFacts, StepFlops, StepWork
 from examples.mimo.model_providers import common, specs
+from examples.mimo.model_providers import flops as F
 
 NAME = "mock"
 VIT_ENCODER = "vit"
@@ -101,6 +102,28 @@ def facts(cfg: MockModelConfig) -> ModelFacts:
                       llm_num_query_groups=cfg.num_attention_heads,
                       encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0,
                       llm_moe_layers=0, encoder_params=vit + projector, llm_params=llm)
+
+
+def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:
+    h, c, pd = cfg.hidden_size, cfg.encoder_hidden_size, cfg.patch_dim
+    patches, heads = cfg.image_tokens, cfg.encoder_num_attention_heads
+    vit_trains = not cfg.freeze_vit
+    vit_layer = F.attention(1, patches, hidden=c, heads=heads, groups=heads, head_dim=c // heads) \
+        + F.mlp(patches, c, 4 * c)
+    encoder = work.images * (
+        F.train(F.linear(patches, 3 * pd * pd, c), weights=vit_trains, inputs=False)  # images
+        + F.train(cfg.encoder_num_layers * vit_layer, weights=vit_trains, inputs=vit_trains)
+        # megatron's linear computes its input gradient whenever a gradient passes through it
+        + F.train(F.mlp(patches, c, h, h), weights=not cfg.freeze_projection,
+                  inputs=vit_trains or not cfg.freeze_projection))
+    s, tokens, n = work.seq_length, work.sequences * work.seq_length, cfg.num_attention_heads
+    layer = F.attention(work.sequences, s, hidden=h, heads=n, groups=n, head_dim=h // n) \
+        + F.mlp(tokens, h, 4 * h)
+    # The LLM's input gradient is needed when its embedding trains or the encoder does.
+    encoder_trains = work.images > 0 and (vit_trains or not cfg.freeze_projection)
+    llm = F.train(cfg.num_layers * layer + F.linear(tokens, h, cfg.vocab_size),
+                  weights=not cfg.freeze_lm, inputs=not cfg.freeze_lm or encoder_trains)
+    return StepFlops(encoder=encoder, llm=llm)
 
 
 def checkpoint_must_match(cfg: MockModelConfig) -> dict:

@@ -17,8 +17,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from examples.mimo.interfaces import DataSpec, ModelFacts
+from examples.mimo.interfaces import DataSpec, ModelFacts, StepFlops, StepWork
 from examples.mimo.model_providers import common, specs
+from examples.mimo.model_providers import flops as F
 
 NAME = "nemotron_moe_vlm"
 VIT_ENCODER = "radio"
@@ -243,6 +244,43 @@ def vision_params(a: Architecture, projection_type: str) -> Tuple[int, int]:
     else:
         projection = 4 * c * a.hidden_size
     return vit, projection
+
+
+def flops(cfg: NemotronVLMConfig, work: StepWork) -> StepFlops:
+    """At --dynamic-resolution each image is counted at the fixed --img-h x --img-w, the largest
+    area an image is scaled to (task_encoder.dynamic_size), so the encoder's count is an upper bound."""
+    a = cfg.arch
+    c, p, heads = a.vision_hidden_size, a.patch_dim, a.vision_num_attention_heads
+    patches = (a.img_h // p) * (a.img_w // p)
+    n = patches + a.class_token_len
+    vit_trains = not cfg.freeze_vit
+    vit_layer = F.attention(1, n, hidden=c, heads=heads, groups=heads, head_dim=c // heads) \
+        + F.mlp(n, c, a.vision_ffn_hidden_size)
+    tokens = patches // 4  # pixel shuffle: 2x2 patches per token, 4c wide
+    projector = (F.mlp(tokens, 4 * c, a.vision_projection_ffn_hidden_size, a.hidden_size)
+                 if cfg.vision_projection_type == "mlp" else F.linear(tokens, 4 * c, a.hidden_size))
+    encoder = work.images * (
+        # megatron's linear computes its input gradient whenever a gradient passes, images or not
+        F.train(F.linear(patches, 3 * p * p, c), weights=vit_trains, inputs=vit_trains)
+        + F.train(a.vision_num_layers * vit_layer, weights=vit_trains, inputs=vit_trains)
+        + F.train(projector, weights=not cfg.freeze_projection,
+                  inputs=vit_trains or not cfg.freeze_projection))
+    h, s, seqs = a.hidden_size, work.seq_length, work.sequences
+    t = seqs * s
+    per_layer = {
+        "M": F.mamba(seqs, s, h, heads=a.mamba_num_heads, head_dim=a.mamba_head_dim,
+                     state=a.mamba_state_dim, groups=a.mamba_num_groups),
+        "*": F.attention(seqs, s, hidden=h, heads=a.num_attention_heads,
+                         groups=a.num_query_groups, head_dim=a.kv_channels),
+        "E": F.moe(t, h, experts=a.num_experts, topk=a.moe_router_topk, ffn=a.moe_ffn_hidden_size,
+                   shared_ffn=a.moe_shared_expert_intermediate_size),
+        "-": F.mlp(t, h, a.ffn_hidden_size),
+    }
+    forward = sum((per_layer[x] for x in a.hybrid_layer_pattern), F.Work()) \
+        + F.linear(t, h, a.vocab_size)
+    encoder_trains = work.images > 0 and (vit_trains or not cfg.freeze_projection)
+    llm = F.train(forward, weights=not cfg.freeze_lm, inputs=not cfg.freeze_lm or encoder_trains)
+    return StepFlops(encoder=encoder, llm=llm)
 
 
 def data_spec(cfg: NemotronVLMConfig) -> DataSpec:

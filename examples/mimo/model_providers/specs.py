@@ -125,9 +125,11 @@ def _local_hybrid_stack_spec(num_experts: int):
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
     from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import (
@@ -155,5 +157,10 @@ def _local_hybrid_stack_spec(num_experts: int):
         mlp=get_moe_module_spec(use_te=False, num_experts=max(num_experts, 1),
                                 moe_grouped_gemm=False),
         mlp_bda=get_bias_dropout_add))
+    dense = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=WrappedTorchNorm,
+        mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                            linear_fc2=RowParallelLinear)),
+        mlp_bda=get_bias_dropout_add))
     return ModuleSpec(module=compat.local_hybrid_stack(), submodules=HybridStackSubmodules(
-        mamba_layer=mamba, attention_layer=attention, moe_layer=moe))
+        mamba_layer=mamba, attention_layer=attention, moe_layer=moe, mlp_layer=dense))
