@@ -27,7 +27,7 @@ def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
     """``python -m torch.distributed.run -m module args`` from the repo root, with a hard timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Output goes to files and the job runs in its own session: a process left behind by a killed
     # rank (e.g. a checkpoint writer) can neither hold a pipe open nor outlive the test.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:

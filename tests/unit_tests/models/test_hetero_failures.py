@@ -24,7 +24,7 @@ def launch(nproc, args, timeout=240):
     """``python -m examples.mimo.launch`` as the launcher scripts run it."""
     cmd = [sys.executable, "-m", "examples.mimo.launch", "--standalone", "--nproc-per-node",
            str(nproc), "--", "--device", "cpu", "--distributed-timeout-minutes", "1", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)

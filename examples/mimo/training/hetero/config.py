@@ -99,6 +99,9 @@ class RuntimeConfig:
 class LogConfig:
     log_interval: int
     metrics_file: Optional[str]
+    tensorboard_dir: Optional[str]
+    eval_interval: Optional[int]  # validation every N iterations and at the end; None: never
+    eval_iters: int  # validation global batches per evaluation
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,12 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     lg.add_argument("--log-interval", type=int, default=1)
     lg.add_argument("--metrics-file", default=None,
                     help="JSON lines of per-iteration metrics, written by the logging rank.")
+    lg.add_argument("--tensorboard-dir", default=None,
+                    help="TensorBoard event files (Megatron's scalar names), logging rank.")
+    lg.add_argument("--eval-interval", type=int, default=None,
+                    help="Validation loss every N iterations and after the last one.")
+    lg.add_argument("--eval-iters", type=int, default=10,
+                    help="Global batches of the validation split per evaluation.")
 
     c = p.add_argument_group("checkpointing")
     c.add_argument("--save", default=None, help="Directory for checkpoints (iter_NNNNNNN/).")
@@ -290,6 +299,10 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} must be > 0")
     if args.log_interval < 1:
         raise ValueError(f"--log-interval {args.log_interval} must be >= 1")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise ValueError(f"--eval-interval {args.eval_interval} must be >= 1")
+    if args.eval_iters < 1:
+        raise ValueError(f"--eval-iters {args.eval_iters} must be >= 1")
     if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
         raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
     if args.clip_grad < 0:
@@ -307,7 +320,9 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
                           max_consecutive_skipped_iters=args.max_consecutive_skipped_iters),
         ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
         runtime=runtime,
-        log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file),
+        log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file,
+                      tensorboard_dir=args.tensorboard_dir, eval_interval=args.eval_interval,
+                      eval_iters=args.eval_iters),
         ckpt=ckpt,
         model_provider=args.model_provider,
         model=model_cfg,

@@ -7,20 +7,23 @@ from functools import partial
 import torch.distributed as dist
 
 from examples.mimo.data.lanes import ENCODER, LLM, model_inputs
-from examples.mimo.interfaces import ENCODER_MODULE, RankData
+from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
+from examples.mimo.training.hetero.config import describe
 from examples.mimo.training.hetero.errors import TrainingDiverged
+from examples.mimo.training.hetero.evaluation import evaluate
 from examples.mimo.training.hetero.grad_sync import GradSync
 from examples.mimo.training.hetero.logger import DataWait, IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.state import TrainState
 from examples.mimo.training.hetero.step import configure_schedule, train_step
+from examples.mimo.training.hetero.timers import Timers, branch_times, instrument_communicator
 from examples.mimo.training.hetero.topology import LANGUAGE
 
 
-def data_iterator(rt: Runtime):
+def data_iterator(rt: Runtime, split: str = "train"):
     cfg = rt.cfg
     is_llm = rt.topology.module_name == LANGUAGE
     rank = RankData(is_llm=is_llm, dp_rank=rt.topology.module_pgc(rt.topology.module_name).dp.rank(),
@@ -33,7 +36,28 @@ def data_iterator(rt: Runtime):
                        fan_in=not is_llm and cfg.grid.encoder_dp > cfg.grid.llm_dp,
                        device=rt.device, dtype=rt.dtype)
     return rt.data_provider.build_iterator(cfg.data, spec=rt.model_provider.data_spec(cfg.model),
-                                           rank=rank, to_model=to_model)
+                                           rank=rank, to_model=to_model, split=split)
+
+
+def interval_logger(rt: Runtime) -> IntervalLogger:
+    cfg = rt.cfg
+    spec = rt.model_provider.data_spec(cfg.model)
+    flops = partial(_step_flops, rt.model_provider.flops, cfg.model, cfg.batch.global_batch_size,
+                    cfg.batch.seq_length)
+    return IntervalLogger(enabled=rt.is_logging_rank, interval=cfg.log.log_interval,
+                          total_iters=cfg.schedule.train_iters,
+                          global_batch=cfg.batch.global_batch_size, seq_length=cfg.batch.seq_length,
+                          encoder_gpus=cfg.grid.encoder_size, llm_gpus=cfg.grid.llm_size,
+                          flops=flops, tokens_per_image=0 if cfg.grid.llm_only else spec.image_tokens,
+                          metrics_file=cfg.log.metrics_file, tensorboard_dir=cfg.log.tensorboard_dir,
+                          config_text="\n".join("    " + line for line in (
+                              describe(cfg, rt.model_provider.facts(cfg.model)) + "\n\n"
+                              + repr(cfg)).splitlines()))
+
+
+def _step_flops(provider_flops, model_cfg, sequences: int, seq_length: int, images: float):
+    return provider_flops(model_cfg, StepWork(sequences=sequences, seq_length=seq_length,
+                                              images=images))
 
 
 def log_workarounds() -> None:
@@ -54,7 +78,9 @@ def train(rt: Runtime) -> list:
     optimizer = build_optimizer(rt)
     scheduler = build_scheduler(optimizer, cfg)
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
-    configure_schedule(rt, grad_sync)
+    timers = Timers(rt.device)
+    instrument_communicator(rt.topology.communicator, timers)
+    configure_schedule(rt, grad_sync, timers)
     state = TrainState()
     data = data_iterator(rt)
     timed_data = DataWait(data)
@@ -66,10 +92,21 @@ def train(rt: Runtime) -> list:
         load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
                         vision_from=ck.load_vision_from)
     log_workarounds()
-    log = IntervalLogger(enabled=rt.is_logging_rank, interval=cfg.log.log_interval,
-                         total_iters=cfg.schedule.train_iters,
-                         global_batch=cfg.batch.global_batch_size, seq_length=cfg.batch.seq_length,
-                         world_size=dist.get_world_size(), metrics_file=cfg.log.metrics_file)
+    log = interval_logger(rt)
+    val_data = None
+
+    def maybe_evaluate(force: bool = False) -> None:
+        nonlocal val_data
+        every = cfg.log.eval_interval
+        if every is None or not (force or state.iteration % every == 0):
+            return
+        if val_data is None:
+            val_data = data_iterator(rt, split="val")
+        result = evaluate(rt, val_data, iters=cfg.log.eval_iters)
+        if result is not None:
+            log.record_eval(iteration=state.iteration, samples=state.consumed_samples,
+                            loss=result[0], tokens=result[1])
+
     limit = cfg.optim.max_consecutive_skipped_iters
     results = []
     saved = state.iteration
@@ -89,9 +126,13 @@ def train(rt: Runtime) -> list:
     try:
         while state.iteration < cfg.schedule.train_iters:
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
-                                grad_sync=grad_sync, data_iterator=timed_data)
+                                grad_sync=grad_sync, data_iterator=timed_data, timers=timers)
             state.advance(global_batch=cfg.batch.global_batch_size, skipped=result.skipped)
-            log.record(state, result, data_wait_s=timed_data.take())
+            timers.end_iteration()
+            times = (branch_times(timers.take(), module=rt.topology.module_name, device=rt.device,
+                                  iterations=log.iterations_since_line)
+                     if log.due(state.iteration) else None)
+            log.record(state, result, data_wait_s=timed_data.take(), times=times)
             results.append(result)
             # The skip decision is world-wide, so every rank stops here together.
             if limit and state.consecutive_skipped >= limit:
@@ -103,6 +144,9 @@ def train(rt: Runtime) -> list:
                 save()
             if ck.exit_interval and state.iteration % ck.exit_interval == 0:
                 break
+            if state.iteration < cfg.schedule.train_iters:
+                maybe_evaluate()
+        maybe_evaluate(force=True)  # as Megatron: once more after the last iteration
         if ck.save and saved != state.iteration:
             save()
     finally:

@@ -1,0 +1,61 @@
+"""Validation loss: global batches of the validation split through megatron-core's forward-only
+schedule across the bridge, as Megatron's ``evaluate``.
+
+Nothing of training is touched: no gradients or optimizer step, the model back in train mode,
+and every RNG (torch CPU and CUDA, megatron's CUDA RNG tracker) restored, so a run with
+interleaved evaluation trains bit for bit as one without (tested on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
+
+from examples.mimo.training.hetero.runtime import Runtime
+from examples.mimo.training.hetero.step import forward_step
+from examples.mimo.training.hetero.topology import LANGUAGE
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device):
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    saved = tracker.get_states() if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    if saved is not None:
+        tracker.set_states(saved)
+
+
+def evaluate(rt: Runtime, data: Iterator[dict], *, iters: int) -> Optional[Tuple[float, int]]:
+    """(per-token validation loss, tokens) on the last LLM stage; None elsewhere."""
+    cfg = rt.cfg
+    step = partial(forward_step, timers=None,
+                   image_token_id=rt.model_provider.data_spec(cfg.model).image_token_id)
+    totals = None
+    rt.model.eval()
+    try:
+        with rng_untouched(rt.device), torch.no_grad():
+            for _ in range(iters):
+                store = forward_backward_pipelining_without_interleaving(
+                    forward_step_func=step, data_iterator=data, model=[rt.model],
+                    num_microbatches=cfg.batch.num_microbatches,
+                    seq_length=cfg.batch.seq_length, micro_batch_size=cfg.batch.micro_batch_size,
+                    forward_only=True, p2p_communicator=rt.topology.communicator,
+                    pg_collection=rt.topology.schedule_pgc)
+                if store:
+                    batch = torch.stack([d["lm loss"] for d in store]).sum(0)
+                    totals = batch if totals is None else totals + batch
+    finally:
+        rt.model.train()
+    llm = rt.topology.module_pgc(LANGUAGE)
+    if totals is None or llm is None or llm.pp.rank() != llm.pp.size() - 1:
+        return None
+    dist.all_reduce(totals, group=llm.dp)
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
