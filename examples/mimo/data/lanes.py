@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-ENCODER, LLM = "encoder", "llm"
+ENCODER, LLM, COLOCATED = "encoder", "llm", "colocated"  # roles; COLOCATED runs both modules
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,12 @@ def model_inputs(batch: dict, *, role: str, encoder_module: str, encoder_name: s
     A packed micro-batch (``packing_kwargs``, see task_encoder.packed_sequence_kwargs) goes to the
     LLM as one THD row [1, b * s], the layout megatron-core's packed-sequence kernels take."""
     input_ids = batch["input_ids"].to(device)
+    if role == COLOCATED:  # one rank, both modules: the LLM's inputs and the lane's images
+        return (model_inputs(batch, role=LLM, encoder_module=encoder_module,
+                             encoder_name=encoder_name, fan_in=False, device=device, dtype=dtype)
+                | {"modality_inputs": model_inputs(
+                    batch, role=ENCODER, encoder_module=encoder_module, encoder_name=encoder_name,
+                    fan_in=False, device=device, dtype=dtype)["modality_inputs"]})
     if role == LLM:
         b, seq = input_ids.shape
         positions = batch.get("position_ids")

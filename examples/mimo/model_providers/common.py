@@ -1,5 +1,5 @@
 """What every provider does the same way: base TransformerConfig settings, assembling the
-non-colocated MimoModel from two branch specs, and freezing branches."""
+MimoModel from two branch specs, and freezing branches."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
 
 def assemble(*, topology, language_spec: Callable[[object], object],
              encoder_spec: Callable[[object], object], image_token_id: int):
-    """This rank's part of the non-colocated MimoModel (unwrapped, unfrozen).
+    """This rank's part of the MimoModel (unwrapped, unfrozen); with --colocated all of it.
 
     Every rank describes both branches (MimoModelConfig checks the keys) but builds only its own;
     the other branch's spec carries no process groups and is never instantiated. The two
@@ -56,6 +56,8 @@ def assemble(*, topology, language_spec: Callable[[object], object],
     from megatron.core.models.mimo.model.base import MimoModel
 
     lm = language_spec(topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY))
+    if topology.grid_config.colocated:
+        lm = _seeded_anew(lm, torch.initial_seed())
     modalities, special = {}, {}
     if not topology.grid_config.llm_only:
         modalities[ENCODER_MODULE] = encoder_spec(topology.module_pgc(ENCODER_MODULE))
@@ -81,3 +83,20 @@ def module_config(module, encoder_name: str):
     """The TransformerConfig that DDP should use for a built branch."""
     encoders = getattr(module, "encoders", None)
     return encoders[encoder_name].config if encoders is not None else module.config
+
+
+def _seeded_anew(spec, seed: int):
+    """The LLM's spec, built from a freshly seeded RNG as on its own ranks: a colocated model
+    (MimoModel builds the encoder first, on the same ranks) then starts from the same weights as
+    the hetero layouts and the single-process reference."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    base = spec.module
+
+    class SeededAnew(base):
+        def __init__(self, *args, **kwargs):
+            torch.manual_seed(seed)
+            super().__init__(*args, **kwargs)
+
+    SeededAnew.__name__, SeededAnew.__qualname__ = base.__name__, base.__qualname__
+    return ModuleSpec(module=SeededAnew, params=spec.params, submodules=spec.submodules)

@@ -171,7 +171,7 @@ def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.d
         hidden_size=cfg.encoder_hidden_size, num_attention_heads=cfg.encoder_num_attention_heads)
     projector_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.hidden_size, num_attention_heads=1,
+        ffn_hidden_size=cfg.hidden_size, num_attention_heads=tp,  # no attention; must divide by TP
         activation_func=torch.nn.functional.gelu)
     vit = ModuleSpec(module=MockViT, params=dict(config=vit_config, img_h=cfg.img_h,
                                                 img_w=cfg.img_w, patch_dim=cfg.patch_dim,

@@ -350,7 +350,7 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
         bias_dropout_fusion=False, attention_softmax_in_fp32=True)
     projector_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=a.hidden_size,
-        ffn_hidden_size=a.vision_projection_ffn_hidden_size, num_attention_heads=1,
+        ffn_hidden_size=a.vision_projection_ffn_hidden_size, num_attention_heads=tp,  # no attention; must divide by TP
         add_bias_linear=False, activation_func=squared_relu, gated_linear_unit=False)
     column, row = specs.projector_linears(cfg.transformer_impl)
     radio = ModuleSpec(module=RadioEncoder, params=dict(

@@ -13,15 +13,19 @@ from tests.unit_tests.models.dist_harness import train
 
 def test_throughput_divides_each_branch_by_its_own_gpus():
     out = throughput(seconds_per_iter=0.5, flops=StepFlops(encoder=2e12, llm=9e12),
-                     tokens_per_iter=4096, encoder_gpus=1, llm_gpus=3)
+                     tokens_per_iter=4096, encoder_gpus=1, llm_gpus=3, world=4)
     assert out["tflops_per_gpu"] == pytest.approx(11 / 0.5 / 4)  # the job over all 4 GPUs
     assert out["encoder_tflops_per_gpu"] == pytest.approx(2 / 0.5 / 1)
     assert out["llm_tflops_per_gpu"] == pytest.approx(9 / 0.5 / 3)
     assert out["tokens_per_s_per_gpu"] == pytest.approx(4096 / 0.5 / 4)
     llm_only = throughput(seconds_per_iter=0.5, flops=StepFlops(encoder=0.0, llm=9e12),
-                          tokens_per_iter=4096, encoder_gpus=0, llm_gpus=3)
+                          tokens_per_iter=4096, encoder_gpus=0, llm_gpus=3, world=3)
     assert llm_only["encoder_tflops_per_gpu"] is None
     assert llm_only["tflops_per_gpu"] == llm_only["llm_tflops_per_gpu"]
+    colocated = throughput(seconds_per_iter=0.5, flops=StepFlops(encoder=2e12, llm=9e12),
+                           tokens_per_iter=4096, encoder_gpus=4, llm_gpus=4, world=4)
+    assert colocated["encoder_tflops_per_gpu"] + colocated["llm_tflops_per_gpu"] == \
+        pytest.approx(colocated["tflops_per_gpu"]) == out["tflops_per_gpu"]
 
 
 def test_timers_sum_spans_and_derive_backward():

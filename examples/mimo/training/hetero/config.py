@@ -29,9 +29,11 @@ class GridConfig:
     llm_ep: int
     llm_expt_tp: int
     llm_only: bool
+    colocated: bool = False  # both modules on every rank, each with its own TP/DP; no bridge
 
     @property
     def encoder_size(self) -> int:
+        """GPUs the encoder runs on."""
         return 0 if self.llm_only else self.encoder_tp * self.encoder_dp
 
     @property
@@ -39,8 +41,13 @@ class GridConfig:
         return self.llm_tp * self.llm_pp * self.llm_dp
 
     @property
+    def llm_offset(self) -> int:
+        """First rank of the LLM grid: after the encoder's, or 0 when they share the ranks."""
+        return 0 if self.colocated else self.encoder_size
+
+    @property
     def world_size(self) -> int:
-        return self.encoder_size + self.llm_size
+        return self.llm_offset + self.llm_size
 
     @property
     def llm_expt_dp(self) -> int:
@@ -162,6 +169,10 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     g.add_argument("--llm-expt-tp", type=int, default=None,
                    help="LLM expert tensor-parallel size (default: --llm-tp).")
     g.add_argument("--llm-only", action="store_true", help="No encoder grid; text-only LLM training.")
+    g.add_argument("--colocated", action="store_true",
+                   help="Both modules on every rank (megatron-core's COLOCATED MimoModel), each "
+                        "with its own TP/DP; --encoder-tp x --encoder-dp = --llm-tp x --llm-dp = "
+                        "world size. The baseline a hetero layout is measured against.")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Must be 1 (not supported).")
 
     b = p.add_argument_group("batch")
@@ -279,7 +290,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         encoder_tp=args.encoder_tp, encoder_dp=args.encoder_dp, llm_tp=args.llm_tp,
         llm_pp=args.llm_pp, llm_dp=args.llm_dp, llm_ep=args.llm_ep,
         llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp,
-        llm_only=args.llm_only,
+        llm_only=args.llm_only, colocated=args.colocated,
     )
     if args.context_parallel_size != 1:
         raise ValueError(
@@ -339,6 +350,8 @@ def validate_grid(grid: GridConfig, world_size: int) -> None:
     for flag, value in sizes.items():
         if value < 1:
             raise ValueError(f"{flag} {value} must be >= 1")
+    if grid.colocated:
+        validate_colocated(grid, world_size)
     if grid.world_size != world_size:
         encoder = ("0 (--llm-only)" if grid.llm_only else
                    f"--encoder-tp {grid.encoder_tp} x --encoder-dp {grid.encoder_dp} = {grid.encoder_size}")
@@ -350,6 +363,23 @@ def validate_grid(grid: GridConfig, world_size: int) -> None:
         raise ValueError(
             f"--llm-ep {grid.llm_ep} x --llm-expt-tp {grid.llm_expt_tp} = {expert_span} must divide "
             f"--llm-tp {grid.llm_tp} x --llm-dp {grid.llm_dp} = {grid.llm_tp * grid.llm_dp}")
+
+
+def validate_colocated(grid: GridConfig, world_size: int) -> None:
+    if grid.llm_only:
+        raise ValueError("--colocated and --llm-only exclude each other (--llm-only has no encoder)")
+    if grid.llm_pp != 1:
+        raise ValueError(f"--colocated needs --llm-pp 1, not {grid.llm_pp} (megatron-core's "
+                         f"colocated MimoModel has no pipeline)")
+    sizes = (f"--encoder-tp {grid.encoder_tp} x --encoder-dp {grid.encoder_dp} = {grid.encoder_size}"
+             f", --llm-tp {grid.llm_tp} x --llm-dp {grid.llm_dp} = {grid.llm_size}")
+    if grid.encoder_size != world_size or grid.llm_size != world_size:
+        raise ValueError(f"--colocated puts both modules on all {world_size} ranks: {sizes}")
+    if grid.encoder_dp != grid.llm_dp:
+        # megatron-core's colocated bridge slices embeddings by token count, which needs the same
+        # image tokens in every sample; our lanes feed both modules one sample stream per rank.
+        raise ValueError(f"--colocated needs --encoder-dp = --llm-dp ({sizes}); the TP sizes "
+                         f"may differ")
 
 
 def build_batch(grid: GridConfig, micro: int, global_: int, seq: int) -> BatchConfig:
@@ -490,7 +520,9 @@ def describe(cfg: TrainConfig, facts: ModelFacts) -> str:
     if not g.llm_only:
         lines.append(f"  encoder grid: ranks 0-{g.encoder_size - 1}, tp {g.encoder_tp} x dp "
                      f"{g.encoder_dp}")
-    lines.append(f"  LLM grid: ranks {g.encoder_size}-{g.world_size - 1}, tp {g.llm_tp} x pp "
+    if g.colocated:
+        lines.append("  colocated: both modules on every rank, each with its own TP/DP (no bridge)")
+    lines.append(f"  LLM grid: ranks {g.llm_offset}-{g.world_size - 1}, tp {g.llm_tp} x pp "
                  f"{g.llm_pp} x dp {g.llm_dp}; experts: ep {g.llm_ep} x expt-tp {g.llm_expt_tp} "
                  f"x expt-dp {g.llm_expt_dp}")
     lines.append(f"batch: global {b.global_batch_size} = micro-batch {b.micro_batch_size} x "

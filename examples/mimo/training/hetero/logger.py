@@ -18,8 +18,6 @@ from examples.mimo.interfaces import StepFlops
 from examples.mimo.training.hetero.state import TrainState
 from examples.mimo.training.hetero.step import StepResult
 
-BRANCH_LABELS = {"images": "encoder"}  # topology module name -> label; the rest is the LLM
-
 
 class DataWait:
     """Wall time this process spends in ``next(data)``: what the data path costs a step, as an
@@ -45,9 +43,9 @@ class DataWait:
 
 
 def throughput(*, seconds_per_iter: float, flops: StepFlops, tokens_per_iter: int,
-               encoder_gpus: int, llm_gpus: int) -> Dict[str, Optional[float]]:
-    """Tokens/s and model TFLOP/s per GPU of the job, and of each branch on its own GPUs."""
-    world = encoder_gpus + llm_gpus
+               encoder_gpus: int, llm_gpus: int, world: int) -> Dict[str, Optional[float]]:
+    """Tokens/s and model TFLOP/s per GPU of the job, and of each branch on its own GPUs (all
+    of them when colocated: then the two shares add up to the job's)."""
     per_s = 1.0 / seconds_per_iter
     return {
         "tokens_per_s_per_gpu": tokens_per_iter * per_s / world,
@@ -59,7 +57,7 @@ def throughput(*, seconds_per_iter: float, flops: StepFlops, tokens_per_iter: in
 
 class IntervalLogger:
     def __init__(self, *, enabled: bool, interval: int, total_iters: int, global_batch: int,
-                 seq_length: int, encoder_gpus: int, llm_gpus: int,
+                 seq_length: int, encoder_gpus: int, llm_gpus: int, world: int,
                  flops: Callable[[float], StepFlops], tokens_per_image: int,
                  metrics_file: Optional[str], tensorboard_dir: Optional[str], config_text: str):
         self.enabled = enabled
@@ -67,7 +65,7 @@ class IntervalLogger:
         self.total_iters = total_iters
         self.global_batch = global_batch
         self.tokens_per_iter = global_batch * seq_length
-        self.encoder_gpus, self.llm_gpus = encoder_gpus, llm_gpus
+        self.encoder_gpus, self.llm_gpus, self.world = encoder_gpus, llm_gpus, world
         self.flops = flops  # images in an iteration -> its StepFlops
         self.tokens_per_image = tokens_per_image
         self._metrics = open(metrics_file, "a") if enabled and metrics_file else None
@@ -123,9 +121,8 @@ class IntervalLogger:
                "images_per_iteration": images}
         out |= throughput(seconds_per_iter=seconds, flops=self.flops(images),
                           tokens_per_iter=self.tokens_per_iter, encoder_gpus=self.encoder_gpus,
-                          llm_gpus=self.llm_gpus)
-        for module, spans in sorted(times.items()):
-            label = BRANCH_LABELS.get(module, "llm")
+                          llm_gpus=self.llm_gpus, world=self.world)
+        for label, spans in sorted(times.items()):
             out |= {f"{label}_{k.replace('-', '_')}_ms" if k != "peak_memory_gib"
                     else f"{label}_peak_memory_gib": v for k, v in spans.items() if k != "schedule"}
         self._t0, self._iters_in_interval, self._data_wait_s, self._image_tokens = now, 0, 0.0, 0.0
@@ -135,9 +132,8 @@ class IntervalLogger:
         grad_norm = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
         moe = "".join(f" {name}: {value:.6E} |" for name, value in result.moe_losses.items())
         branches = ""
-        for module in sorted(times, key=lambda m: BRANCH_LABELS.get(m, "llm")):
-            label = BRANCH_LABELS.get(module, "llm")
-            t = times[module]
+        for label in sorted(times):
+            t = times[label]
             branches += (f" {label} fwd/bwd/bridge/grad-sync/optim (ms): {t['forward']:.1f}/"
                          f"{t['backward']:.1f}/{t['bridge']:.1f}/{t['grad-sync']:.1f}/"
                          f"{t['optimizer']:.1f} |")

@@ -6,7 +6,7 @@ from functools import partial
 
 import torch.distributed as dist
 
-from examples.mimo.data.lanes import ENCODER, LLM, model_inputs
+from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, model_inputs
 from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
@@ -31,7 +31,8 @@ def data_iterator(rt: Runtime, split: str = "train"):
                     micro_batch_size=cfg.batch.micro_batch_size,
                     num_microbatches=cfg.batch.num_microbatches, seq_length=cfg.batch.seq_length,
                     seed=cfg.runtime.seed, with_images=not cfg.grid.llm_only)
-    to_model = partial(model_inputs, role=LLM if is_llm else ENCODER, encoder_module=ENCODER_MODULE,
+    role = COLOCATED if cfg.grid.colocated else LLM if is_llm else ENCODER
+    to_model = partial(model_inputs, role=role, encoder_module=ENCODER_MODULE,
                        encoder_name=rt.model_provider.VIT_ENCODER,
                        fan_in=not is_llm and cfg.grid.encoder_dp > cfg.grid.llm_dp,
                        device=rt.device, dtype=rt.dtype)
@@ -48,6 +49,7 @@ def interval_logger(rt: Runtime) -> IntervalLogger:
                           total_iters=cfg.schedule.train_iters,
                           global_batch=cfg.batch.global_batch_size, seq_length=cfg.batch.seq_length,
                           encoder_gpus=cfg.grid.encoder_size, llm_gpus=cfg.grid.llm_size,
+                          world=cfg.grid.world_size,
                           flops=flops, tokens_per_image=0 if cfg.grid.llm_only else spec.image_tokens,
                           metrics_file=cfg.log.metrics_file, tensorboard_dir=cfg.log.tensorboard_dir,
                           config_text="\n".join("    " + line for line in (
@@ -79,6 +81,8 @@ def train(rt: Runtime) -> list:
     scheduler = build_scheduler(optimizer, cfg)
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
     timers = Timers(rt.device)
+    label = ("model" if cfg.grid.colocated  # one stage runs both modules: their time is one
+             else "encoder" if rt.topology.module_name == ENCODER_MODULE else "llm")
     instrument_communicator(rt.topology.communicator, timers)
     configure_schedule(rt, grad_sync, timers)
     state = TrainState()
@@ -129,7 +133,7 @@ def train(rt: Runtime) -> list:
                                 grad_sync=grad_sync, data_iterator=timed_data, timers=timers)
             state.advance(global_batch=cfg.batch.global_batch_size, skipped=result.skipped)
             timers.end_iteration()
-            times = (branch_times(timers.take(), module=rt.topology.module_name, device=rt.device,
+            times = (branch_times(timers.take(), label=label, device=rt.device,
                                   iterations=log.iterations_since_line)
                      if log.due(state.iteration) else None)
             log.record(state, result, data_wait_s=timed_data.take(), times=times)

@@ -89,14 +89,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1024 ** 3 if device.type == "cuda" else 0.0
 
 
-def branch_times(local: Dict[str, float], *, module: str, device: torch.device,
+def branch_times(local: Dict[str, float], *, label: str, device: torch.device,
                  iterations: int) -> Dict[str, Dict[str, float]]:
-    """Every rank's spans -> per branch, the slowest rank's ms per iteration of each span and
-    its peak memory (GiB). Collective over the world; the result on every rank."""
+    """Every rank's spans -> per branch label ("encoder", "llm"; "model" when colocated), the
+    slowest rank's ms per iteration of each span and its peak memory (GiB). Collective over the
+    world; the result on every rank."""
     mine = {k: v / max(iterations, 1) for k, v in local.items()} | {
         "peak_memory_gib": peak_memory_gib(device)}
     everyone: List[tuple] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (module, mine))
+    dist.all_gather_object(everyone, (label, mine))
     out: Dict[str, Dict[str, float]] = {}
     for name, times in everyone:
         branch = out.setdefault(name, {})

@@ -77,7 +77,7 @@ class Topology:
                 offset=0, tp=g.encoder_tp, pp=1, dp=g.encoder_dp, ep=1, expt_tp=g.encoder_tp,
                 expt_dp=g.encoder_dp, timeout=timeout)
         self.grid_map[LANGUAGE] = self._make_grid(
-            offset=g.encoder_size, tp=g.llm_tp, pp=g.llm_pp, dp=g.llm_dp, ep=g.llm_ep,
+            offset=g.llm_offset, tp=g.llm_tp, pp=g.llm_pp, dp=g.llm_dp, ep=g.llm_ep,
             expt_tp=g.llm_expt_tp, expt_dp=g.llm_expt_dp, timeout=timeout)
         embd, pos_embd = self._embedding_groups(self.grid_map[LANGUAGE], timeout)
 
@@ -96,15 +96,19 @@ class Topology:
                 raise RuntimeError(f"rank {self.rank}: {name} process groups missing: {missing}")
             self._pgcs[name] = pgc
 
-        topology = {LANGUAGE: []} if g.llm_only else {ENCODER_MODULE: [LANGUAGE], LANGUAGE: []}
+        # Colocated (and LLM-only) runs are one pipeline stage holding the whole MimoModel, which
+        # its COLOCATED forward runs end to end; the schedule sees only the LLM's groups.
+        single = g.llm_only or g.colocated
+        topology = {LANGUAGE: []} if single else {ENCODER_MODULE: [LANGUAGE], LANGUAGE: []}
+        stages = {LANGUAGE: self.grid_map[LANGUAGE]} if single else self.grid_map
         self.communicator = MultiModulePipelineCommunicator(
-            self.grid_map, topology,
+            stages, topology,
             ModelParallelConfig(pipeline_dtype=pipeline_dtype, variable_seq_lengths=True),
             dim_mapping={"s": 0, "b": 1, "h": 2},
             module_output_ndim={ENCODER_MODULE: 2},  # the encoder emits [tokens, hidden]
         )
         self.schedule_pgc = MultiModuleProcessGroupCollection(
-            module_pgs=dict(self._pgcs),
+            module_pgs={n: p for n, p in self._pgcs.items() if not single or n == LANGUAGE},
             language_model_module_name=LANGUAGE if LANGUAGE in self._pgcs else None)
 
     def _make_grid(self, *, offset, tp, pp, dp, ep, expt_tp, expt_dp, timeout) -> HyperCommGrid:
@@ -134,8 +138,9 @@ class Topology:
 
     @property
     def module_name(self) -> str:
-        """The single module this rank runs (grids are disjoint)."""
-        return next(iter(self._pgcs))
+        """The module whose pipeline stage this rank is: its only one on disjoint grids, the LLM
+        when colocated (the stage that runs the whole model)."""
+        return LANGUAGE if self.grid_config.colocated else next(iter(self._pgcs))
 
     def destroy(self) -> None:
         BridgeCommunicator.destroy_broadcast_pgs()
