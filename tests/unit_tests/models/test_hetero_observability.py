@@ -50,12 +50,16 @@ NEMOTRON = ["--model-provider", "nemotron_moe_vlm", "--model-preset", "tiny-cpu"
             "--train-iters", "4", "--log-interval", "2", "--lr", "1e-3"]
 
 
-def test_evaluation_leaves_training_bit_identical_and_tensorboard_has_the_scalars(tmp_path):
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    return train(3, tmp_path_factory.mktemp("plain"), NEMOTRON)
+
+
+def test_evaluation_leaves_training_bit_identical_and_tensorboard_has_the_scalars(plain, tmp_path):
     """Nemotron tiny-cpu (RADIO draws position-embedding crops from the RNG while training),
     encoder DP1 + LLM DP2: validation every 2 iterations and at the end."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    plain = train(3, tmp_path, NEMOTRON, "plain")
     tb = tmp_path / "tb"
     rows = train(3, tmp_path, NEMOTRON + ["--eval-interval", "2", "--eval-iters", "2",
                                           "--tensorboard-dir", str(tb)], "eval")
@@ -84,11 +88,11 @@ def test_evaluation_leaves_training_bit_identical_and_tensorboard_has_the_scalar
     assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
 
 
-def test_logged_tflops_are_the_providers_flops_over_time_and_gpus(tmp_path):
+def test_logged_tflops_are_the_providers_flops_over_time_and_gpus(plain):
     from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
     from examples.mimo.training.hetero.config import parse_config
 
-    rows = [r for r in train(3, tmp_path, NEMOTRON) if "tflops_per_gpu" in r]
+    rows = [r for r in plain if "tflops_per_gpu" in r]
     assert [r["iteration"] for r in rows] == [2, 4]
     cfg = parse_config(["--device", "cpu", *NEMOTRON], world_size=3).model
     for r in rows:

@@ -38,9 +38,9 @@ def main(mode: str, rank: int, iteration: int, argv):
             original_loss = step.loss_func
             per_iter = parse_config(argv, int(os.environ["WORLD_SIZE"])).batch.num_microbatches
 
-            def nan_loss(loss_mask, per_token_loss):
+            def nan_loss(loss_mask, image_tokens, per_token_loss):
                 calls["n"] += 1
-                loss, tokens, report = original_loss(loss_mask, per_token_loss)
+                loss, tokens, report = original_loss(loss_mask, image_tokens, per_token_loss)
                 if calls["n"] == (iteration - 1) * per_iter + 1:  # its first micro-batch
                     loss = loss * torch.tensor(float("nan"))
                 return loss, tokens, report
