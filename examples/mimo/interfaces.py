@@ -123,9 +123,12 @@ class DataProvider(Protocol):
 
     def config_from_args(self, args: argparse.Namespace) -> object: ...
 
-    def validate(self, cfg, spec: DataSpec, seq_length: int, *, fan_in: bool, llm_only: bool) -> None:
+    def validate(self, cfg, spec: DataSpec, seq_length: int, *, equal_images: str,
+                 llm_only: bool) -> None:
         """Raises ValueError naming the flag when the data cannot feed this model and layout.
-        Runs before any process group exists (in the launcher too)."""
+        ``equal_images``: '' or why the layout needs the same image tokens on every encoder rank
+        (megatron-core splits or joins the encoder's output by token count: fan-in, and a
+        colocated layout whose DP sizes differ). Runs before any process group exists."""
 
     def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
                        to_model: Callable[[dict], dict], split: str = "train") -> "DataIterator":

@@ -116,16 +116,16 @@ def load_tokenizer(path: str):
     return Tokenizer(path)
 
 
-def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool,
+def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, equal_images: str,
              llm_only: bool) -> None:
     check_dataset(cfg.data_path)
     load_tokenizer(cfg.tokenizer_model).check_model(vocab_size=spec.vocab_size,
                                                     image_token_id=spec.image_token_id)
-    if fan_in:
-        # megatron-core 0.19.2's bridge returns fan-in gradients in equal splits: every encoder
-        # rank must emit the same number of image tokens per micro-batch, which a blend does not.
-        raise ValueError("--data-provider energon needs --encoder-dp <= --llm-dp (fan-in needs "
-                         "equal image counts per encoder rank)")
+    if equal_images:
+        # A blend varies image counts per sample, so no layout that needs them equal can take it.
+        raise ValueError(f"--data-provider energon cannot feed {equal_images}: it needs the same "
+                         f"image count on every encoder rank (use --encoder-dp <= --llm-dp, and "
+                         f"equal DP sizes with --colocated)")
 
 
 class _ErrorHandler:

@@ -125,3 +125,27 @@ class LaneIterator:
             raise ValueError(f"consumed samples {consumed} is not a whole number of global "
                              f"batches of {self.layout.global_batch_size}")
         self._step, self._microbatch = consumed // self.layout.global_batch_size, 0
+
+
+class ColocatedIterator:
+    """A colocated rank whose encoder and LLM DP differ reads two streams in step: its LLM lane
+    (text, labels) and its encoder DP slice (images); megatron-core's colocated bridge then hands
+    the encoder's output to the LLM's layout. Its state is the LLM stream's (both are sample
+    counts of the same schedule)."""
+
+    def __init__(self, llm, encoder):
+        self.llm, self.encoder = llm, encoder
+        self.per_rank = llm.per_rank
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.llm) | {"modality_inputs": next(self.encoder)["modality_inputs"]}
+
+    def state_dict(self) -> dict:
+        return self.llm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.llm.load_state_dict(state)
+        self.encoder.load_state_dict(state)

@@ -45,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> MockDataConfig:
                           text_vocab=args.mock_text_vocab)
 
 
-def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bool,
+def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, equal_images: str,
              llm_only: bool) -> None:
     if cfg.text_vocab is not None and cfg.text_vocab > spec.vocab_size - 2:
         raise ValueError(f"--mock-text-vocab {cfg.text_vocab} must be <= vocabulary size "
@@ -59,12 +59,9 @@ def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, fan_in: bo
                          "--data-provider energon (mock images are all one size)")
     if seq_length < spec.image_tokens + 2:
         raise ValueError(f"--seq-length {seq_length} must be >= image tokens {spec.image_tokens} + 2")
-    if fan_in and cfg.text_only_fraction > 0:
-        # megatron-core 0.19.2's bridge returns fan-in gradients in equal splits, so every encoder
-        # rank must emit the same number of image tokens per micro-batch.
-        raise ValueError(f"--mock-text-only-fraction {cfg.text_only_fraction} must be 0 when "
-                         f"--encoder-dp exceeds --llm-dp (fan-in needs equal image counts per "
-                         f"encoder rank)")
+    if equal_images and cfg.text_only_fraction > 0:
+        raise ValueError(f"--mock-text-only-fraction {cfg.text_only_fraction} must be 0 with "
+                         f"{equal_images}: every encoder rank needs the same image count")
 
 
 def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: int, seed: int,

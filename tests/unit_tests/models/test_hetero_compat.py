@@ -8,6 +8,8 @@ fails without it (the training path it exists for):
     global_memory_buffer               every training test (local attention's scratch buffers)
     bridge_groups                      every hetero CPU test (the bridge on gloo);
                                        test_hetero_failures::test_stopped_peer_ends_within_the_timeout
+    colocated_bridge_groups            test_hetero_parity::test_fan_in_matches_reference (colocated,
+                                       encoder and LLM DP sizes differ)
     refuse_pickled_checkpoint_objects  the probe below, through dist_checkpointing.load
     param_groups_within                test_hetero_checkpoint::test_projector_only_checkpoint
                                        (a frozen LLM branch: its ranks never join the gather)
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 from examples.mimo.training.hetero import compat
 from tests.unit_tests.models.dist_harness import ROOT, torchrun
 
-PROBED = ["global_memory_buffer", "bridge_groups", "refuse_pickled_checkpoint_objects",
+PROBED = ["global_memory_buffer", "bridge_groups", "colocated_bridge_groups",
+          "refuse_pickled_checkpoint_objects",
           "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
           "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors"]
 

@@ -20,6 +20,8 @@ def cfg(*args, world=2):
     (["--encoder-dp", "2", "--llm-dp", "2"], 4, (1, 2, 1, 1, 2)),
     (["--encoder-tp", "2", "--llm-tp", "2", "--llm-pp", "2"], 6, (2, 1, 2, 2, 1)),
     (["--llm-only", "--llm-dp", "2"], 2, (1, 1, 1, 1, 2)),
+    (["--colocated", "--encoder-dp", "2", "--llm-tp", "2", "--mock-text-only-fraction", "0"], 2,
+     (1, 2, 2, 1, 1)),
 ])
 def test_good_layouts(args, world, layout):
     c = cfg(*args, world=world)
@@ -76,6 +78,13 @@ def test_good_layouts(args, world, layout):
     (["--load", "x", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], 2,
      ["--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude"]),
     (["--vocab-size", "2"], 2, ["--vocab-size 2"]),
+    (["--colocated", "--llm-only"], 1, ["--colocated and --llm-only exclude each other"]),
+    (["--colocated", "--llm-pp", "2"], 2, ["--colocated needs --llm-pp 1"]),
+    (["--colocated", "--encoder-dp", "2"], 2, ["--colocated puts both modules on all 2 ranks",
+                                                "--llm-tp 1 x --llm-dp 1 = 1"]),
+    (["--colocated", "--encoder-dp", "2", "--llm-tp", "2"], 2,
+     ["--mock-text-only-fraction 0.25 must be 0 with --colocated with --encoder-dp 2, --llm-dp 1"]),
+    (["--encoder-dp", "2"], 3, ["0.25 must be 0 with fan-in (--encoder-dp 2, --llm-dp 1)"]),
     (["--patch-dim", "5"], 2, ["--patch-dim 5", "--img-h 16"]),
 ])
 def test_bad_layouts_name_the_flags(args, world, needles):

@@ -69,10 +69,17 @@ def test_layouts_match_reference(reference, tmp_path, nproc, grid):
 
 
 def test_fan_in_matches_reference(tmp_path_factory, tmp_path):
-    """Two encoder ranks share one lane; fan-in needs equal image counts, so every sample has one."""
+    """Two encoder ranks share one lane; fan-in needs equal image counts, so every sample has one.
+    Colocated with different DP sizes too: the encoder data-parallel and the LLM tensor-parallel
+    over the same 2 ranks (megatron-core's colocated bridge all-gathers the embeddings), and the
+    other way round (it narrows them)."""
     args = COMMON + ["--mock-text-only-fraction", "0"]
     want = reference_run(tmp_path_factory, args)
     assert_close(train(3, tmp_path, args + ["--encoder-dp", "2"]), want)
+    assert_close(train(2, tmp_path, args + ["--colocated", "--encoder-dp", "2", "--llm-tp", "2"],
+                       "colocated-fan-in"), want)
+    assert_close(train(2, tmp_path, args + ["--colocated", "--encoder-tp", "2", "--llm-dp", "2"],
+                       "colocated-fan-out"), want)
 
 
 @pytest.mark.parametrize("grid", [

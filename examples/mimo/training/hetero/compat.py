@@ -53,6 +53,7 @@ def apply_startup(*, backend: str, timeout: timedelta, mamba: bool) -> List[str]
     """The process-wide workarounds a job needs, applied once; returns what is active."""
     refuse_pickled_checkpoint_objects()
     bridge_groups(backend=backend, timeout=timeout)
+    colocated_bridge_groups(backend=backend, timeout=timeout)
     global_memory_buffer()
     if mamba:
         import_mamba_triton_kernels()
@@ -115,6 +116,30 @@ def bridge_groups(*, backend: str, timeout: timedelta) -> None:
     BridgeCommunicator._get_or_create_broadcast_pg = classmethod(broadcast_pg)
     BridgeCommunicator._get_or_create_bridge_pg = classmethod(bridge_pg)
     _mark("bridge_groups")
+
+
+def colocated_bridge_groups(*, backend: str, timeout: timedelta) -> None:
+    """``ColocatedBridgeCommunicator.__init__`` (models/mimo/comm/colocated_communicator.py)
+    creates the gather group of a colocated layout whose encoder and LLM DP sizes differ with
+    ``backend='nccl'`` and no timeout: such a layout cannot run on gloo, and a stopped peer waits
+    torch's default 30 minutes. That module's ``dist`` becomes torch.distributed with this one call
+    given our backend and timeout.
+
+    Process-wide because ``MimoModel.__init__`` builds the communicator; nothing passes a backend
+    or timeout through to it."""
+    from megatron.core.models.mimo.comm import colocated_communicator
+
+    class _Dist(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(dist, name)
+
+        @staticmethod
+        def new_subgroups_by_enumeration(ranks, **kwargs):
+            return dist.new_subgroups_by_enumeration(ranks, **(kwargs | {"backend": backend,
+                                                                         "timeout": timeout}))
+
+    colocated_communicator.dist = _Dist("torch.distributed")
+    _mark("colocated_bridge_groups")
 
 
 def global_memory_buffer() -> None:

@@ -299,8 +299,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
     validate_model_fit(grid, model_provider.facts(model_cfg))
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
-                           fan_in=not grid.llm_only and grid.encoder_dp > grid.llm_dp,
-                           llm_only=grid.llm_only)
+                           equal_images=equal_images_reason(grid), llm_only=grid.llm_only)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
                             distributed_timeout_minutes=args.distributed_timeout_minutes,
                             dry_run=args.dry_run)
@@ -365,6 +364,17 @@ def validate_grid(grid: GridConfig, world_size: int) -> None:
             f"--llm-tp {grid.llm_tp} x --llm-dp {grid.llm_dp} = {grid.llm_tp * grid.llm_dp}")
 
 
+def equal_images_reason(grid: GridConfig) -> str:
+    """Why the layout needs the same image tokens on every encoder rank per micro-batch ('' if
+    it does not): megatron-core 0.19.2 splits or joins the encoder's output by token count there."""
+    if grid.llm_only or grid.encoder_dp == grid.llm_dp:
+        return ""
+    dp = f"--encoder-dp {grid.encoder_dp}, --llm-dp {grid.llm_dp}"
+    if grid.colocated:
+        return f"--colocated with {dp}"
+    return f"fan-in ({dp})" if grid.encoder_dp > grid.llm_dp else ""
+
+
 def validate_colocated(grid: GridConfig, world_size: int) -> None:
     if grid.llm_only:
         raise ValueError("--colocated and --llm-only exclude each other (--llm-only has no encoder)")
@@ -375,11 +385,6 @@ def validate_colocated(grid: GridConfig, world_size: int) -> None:
              f", --llm-tp {grid.llm_tp} x --llm-dp {grid.llm_dp} = {grid.llm_size}")
     if grid.encoder_size != world_size or grid.llm_size != world_size:
         raise ValueError(f"--colocated puts both modules on all {world_size} ranks: {sizes}")
-    if grid.encoder_dp != grid.llm_dp:
-        # megatron-core's colocated bridge slices embeddings by token count, which needs the same
-        # image tokens in every sample; our lanes feed both modules one sample stream per rank.
-        raise ValueError(f"--colocated needs --encoder-dp = --llm-dp ({sizes}); the TP sizes "
-                         f"may differ")
 
 
 def build_batch(grid: GridConfig, micro: int, global_: int, seq: int) -> BatchConfig:

@@ -6,7 +6,7 @@ from functools import partial
 
 import torch.distributed as dist
 
-from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, model_inputs
+from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, ColocatedIterator, model_inputs
 from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
@@ -24,20 +24,28 @@ from examples.mimo.training.hetero.topology import LANGUAGE
 
 
 def data_iterator(rt: Runtime, split: str = "train"):
-    cfg = rt.cfg
+    cfg, g = rt.cfg, rt.cfg.grid
     is_llm = rt.topology.module_name == LANGUAGE
-    rank = RankData(is_llm=is_llm, dp_rank=rt.topology.module_pgc(rt.topology.module_name).dp.rank(),
-                    llm_dp=cfg.grid.llm_dp, encoder_dp=cfg.grid.encoder_dp,
-                    micro_batch_size=cfg.batch.micro_batch_size,
-                    num_microbatches=cfg.batch.num_microbatches, seq_length=cfg.batch.seq_length,
-                    seed=cfg.runtime.seed, with_images=not cfg.grid.llm_only)
-    role = COLOCATED if cfg.grid.colocated else LLM if is_llm else ENCODER
-    to_model = partial(model_inputs, role=role, encoder_module=ENCODER_MODULE,
-                       encoder_name=rt.model_provider.VIT_ENCODER,
-                       fan_in=not is_llm and cfg.grid.encoder_dp > cfg.grid.llm_dp,
-                       device=rt.device, dtype=rt.dtype)
-    return rt.data_provider.build_iterator(cfg.data, spec=rt.model_provider.data_spec(cfg.model),
-                                           rank=rank, to_model=to_model, split=split)
+
+    def build(role: str, module: str):
+        rank = RankData(is_llm=role != ENCODER, dp_rank=rt.topology.module_pgc(module).dp.rank(),
+                        llm_dp=g.llm_dp, encoder_dp=g.encoder_dp,
+                        micro_batch_size=cfg.batch.micro_batch_size,
+                        num_microbatches=cfg.batch.num_microbatches,
+                        seq_length=cfg.batch.seq_length, seed=cfg.runtime.seed,
+                        with_images=not g.llm_only)
+        to_model = partial(model_inputs, role=role, encoder_module=ENCODER_MODULE,
+                           encoder_name=rt.model_provider.VIT_ENCODER,
+                           fan_in=role == ENCODER and g.encoder_dp > g.llm_dp,
+                           device=rt.device, dtype=rt.dtype)
+        return rt.data_provider.build_iterator(cfg.data, spec=rt.model_provider.data_spec(cfg.model),
+                                               rank=rank, to_model=to_model, split=split)
+
+    if g.colocated and g.encoder_dp != g.llm_dp:
+        return ColocatedIterator(build(LLM, LANGUAGE), build(ENCODER, ENCODER_MODULE))
+    if g.colocated:
+        return build(COLOCATED, LANGUAGE)
+    return build(LLM, LANGUAGE) if is_llm else build(ENCODER, ENCODER_MODULE)
 
 
 def interval_logger(rt: Runtime) -> IntervalLogger:

@@ -103,6 +103,41 @@ def main(out_path: str, work: str):
         BridgeCommunicator.destroy_bridge_pgs()
         return {"symptom": symptom, "fixed": fixed}
 
+    @probe("colocated_bridge_groups")
+    def _():
+        from megatron.core.models.mimo.comm import colocated_communicator as cc
+
+        class Probe(cc.ColocatedBridgeCommunicator):
+            """Fan-in by 2 on one rank: only the gather group's creation runs."""
+
+            def _validate_grids(self):
+                pass
+
+            def _extract_parallelism_info(self):
+                self.src_dp_size, self.dest_dp_size, self.src_tp_size, self.dest_tp_size = 2, 1, 1, 1
+
+            def _build_rank_mappings(self):
+                self.rank_to_src_pos = {}
+
+            def _build_gather_groups(self, **kwargs):
+                return [[0]]
+
+        created = []
+        with spy(dist, "new_subgroups_by_enumeration", created):
+            try:
+                Probe(None, None)
+            except Exception:  # no NCCL on this machine: the call itself is what we look at
+                pass
+        symptom = created[-1][1].get("backend") == "nccl" and created[-1][1].get("timeout") is None
+        created.clear()
+        timeout = timedelta(seconds=43)
+        compat.colocated_bridge_groups(backend="gloo", timeout=timeout)
+        with spy(dist, "new_subgroups_by_enumeration", created):
+            bridge = Probe(None, None)
+        fixed = dist.get_backend(bridge.gather_pg) == "gloo" and created[-1][1]["timeout"] == timeout
+        bridge.destroy()
+        return {"symptom": symptom, "fixed": fixed}
+
     @probe("refuse_pickled_checkpoint_objects")
     def _():
         path = os.path.join(work, "payload")
