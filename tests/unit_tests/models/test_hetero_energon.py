@@ -325,7 +325,7 @@ def test_reading_data_leaves_the_training_rng_alone(data):
 
 def test_dynamic_resolution_trains_on_images_of_three_aspect_ratios(tmp_path):
     """Nemotron tiny-cpu, encoder DP1 feeding LLM DP2 (two lanes merged: packed patches and
-    imgs_sizes), packing, images 32x32, 64x32 and 16x32 at their own sizes."""
+    imgs_sizes), packing, images 32x32, 64x32 and 16x32 at their own sizes; with evaluation."""
     from tests.unit_tests.models.dist_harness import train
 
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "bad"), "--aspect-ratios",
@@ -338,9 +338,15 @@ def test_dynamic_resolution_trains_on_images_of_three_aspect_ratios(tmp_path):
                                   "tiny-cpu", "--dynamic-resolution", "--llm-dp", "2",
                                   "--global-batch-size", "8", "--micro-batch-size", "2",
                                   "--seq-length", "64", "--train-iters", "3", "--num-workers", "1",
-                                  "--packing-buffer-size", "4", *energon_args(ds)])
-    assert [m["iteration"] for m in metrics] == [1, 2, 3]
-    assert all(m["loss_tokens"] > 0 and m["lm_loss"] == m["lm_loss"] for m in metrics)
+                                  "--packing-buffer-size", "4", "--eval-interval", "2",
+                                  "--eval-iters", "1", *energon_args(ds)])
+    steps = [m for m in metrics if "validation_lm_loss" not in m]
+    assert [m["iteration"] for m in steps] == [1, 2, 3]
+    assert all(m["loss_tokens"] > 0 and m["lm_loss"] == m["lm_loss"] for m in steps)
+    # validation on the dataset's val split, through the same routing and packing
+    evals = [m for m in metrics if "validation_lm_loss" in m]
+    assert [m["iteration"] for m in evals] == [2, 3]
+    assert all(0 < m["validation_lm_loss"] < 20 and m["validation_tokens"] > 0 for m in evals)
 
 
 def test_a_dying_loader_worker_ends_every_rank(data, tmp_path):
