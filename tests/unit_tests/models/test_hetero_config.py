@@ -78,6 +78,8 @@ def test_good_layouts(args, world, layout):
     (["--load", "x", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], 2,
      ["--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude"]),
     (["--vocab-size", "2"], 2, ["--vocab-size 2"]),
+    (["--eval-interval", "0"], 2, ["--eval-interval 0 must be >= 1"]),
+    (["--eval-iters", "0"], 2, ["--eval-iters 0 must be >= 1"]),
     (["--colocated", "--llm-only"], 1, ["--colocated and --llm-only exclude each other"]),
     (["--colocated", "--llm-pp", "2"], 2, ["--colocated needs --llm-pp 1"]),
     (["--colocated", "--encoder-dp", "2"], 2, ["--colocated puts both modules on all 2 ranks",
