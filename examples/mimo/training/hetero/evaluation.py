@@ -13,12 +13,10 @@ from functools import partial
 from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
 
 from examples.mimo.training.hetero.runtime import Runtime
-from examples.mimo.training.hetero.step import forward_step
-from examples.mimo.training.hetero.topology import LANGUAGE
+from examples.mimo.training.hetero.step import forward_step, global_totals
 
 
 @contextlib.contextmanager
@@ -54,8 +52,7 @@ def evaluate(rt: Runtime, data: Iterator[dict], *, iters: int) -> Optional[Tuple
                     totals = batch if totals is None else totals + batch
     finally:
         rt.model.train()
-    llm = rt.topology.module_pgc(LANGUAGE)
-    if totals is None or llm is None or llm.pp.rank() != llm.pp.size() - 1:
+    totals = global_totals(rt, totals)
+    if totals is None:
         return None
-    dist.all_reduce(totals, group=llm.dp)
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())

@@ -85,14 +85,14 @@ def train_step(*, rt: Runtime, optimizer, scheduler, grad_sync: GradSync,
     # iteration leaves the learning rate where it was (consumed samples still advance, loop.py).
     if not skipped:
         scheduler.step(increment=cfg.batch.global_batch_size)
-    totals = _global_totals(rt, totals)
+    totals = global_totals(rt, totals)
     return StepResult(lm_loss=None if totals is None else (totals[0] / totals[1].clamp(min=1)).item(),
                       loss_tokens=stats.global_tokens, grad_norm=grad_norm, skipped=skipped,
                       learning_rate=learning_rate, moe_losses=_moe_losses(rt),
                       image_tokens=0.0 if totals is None else totals[2].item())
 
 
-def _global_totals(rt: Runtime, totals: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def global_totals(rt: Runtime, totals: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[loss sum, loss tokens, image tokens] over the global batch, on the last LLM stage."""
     llm = rt.topology.module_pgc(LANGUAGE)
     if totals is None or llm is None or llm.pp.rank() != llm.pp.size() - 1:
