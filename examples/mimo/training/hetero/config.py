@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero.exits import SIGNALS
 
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -127,6 +128,8 @@ class CheckpointConfig:
     allow_existing_save: bool
     override_opt_param_scheduler: bool
     use_checkpoint_opt_param_scheduler: bool
+    exit_signal: Optional[str] = None  # --exit-signal-handler: the signal that makes ranks save and exit
+    exit_duration_mins: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,12 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     c.add_argument("--save-interval", type=int, default=None, help="Iterations between saves.")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="Stop (after saving, with --save) once the iteration is a multiple of this.")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="On --exit-signal every rank finishes its iteration, saves and exits 0.")
+    c.add_argument("--exit-signal", choices=SIGNALS, default="SIGTERM",
+                   help="The signal --exit-signal-handler acts on (SLURM: --signal=...).")
+    c.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Save and exit once the job has run this long (before its time limit).")
     c.add_argument("--no-save-optim", action="store_true", help="Save model weights only.")
     c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
     c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
@@ -507,6 +516,12 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
                          "exclude each other")
     if args.allow_existing_save and args.save is None:
         raise ValueError("--allow-existing-save needs --save")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ValueError(f"--exit-duration-in-mins {args.exit_duration_in_mins} must be > 0")
+    exits = [f for f, v in (("--exit-signal-handler", args.exit_signal_handler),
+                            ("--exit-duration-in-mins", args.exit_duration_in_mins)) if v]
+    if exits and args.save is None:
+        raise ValueError(f"{', '.join(exits)} save before exiting: needs --save")
     return CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval,
         exit_interval=args.exit_interval, no_save_optim=args.no_save_optim,
@@ -515,7 +530,9 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         load_language_from=args.load_language_from, load_vision_from=args.load_vision_from,
         allow_existing_save=args.allow_existing_save,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        exit_signal=args.exit_signal if args.exit_signal_handler else None,
+        exit_duration_mins=args.exit_duration_in_mins)
 
 
 def describe(cfg: TrainConfig, facts: ModelFacts) -> str:

@@ -28,10 +28,10 @@ class ExitConditions:
                  device: torch.device):
         self.signal_name, self.duration_mins, self.device = signal_name, duration_mins, device
         self.received = False
-        self._previous = None
         if signal_name is not None:
-            self._signum = getattr(signal, signal_name)
-            self._previous = signal.signal(self._signum, self._on_signal)
+            # Installed for the rest of the process: a signal that comes after the save, while
+            # the process tears down, is then absorbed too.
+            signal.signal(getattr(signal, signal_name), self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.received = True
@@ -53,8 +53,3 @@ class ExitConditions:
         if flags[1].item():
             return f"--exit-duration-in-mins {self.duration_mins:g} reached"
         return None
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(self._signum, self._previous)
-            self._previous = None

@@ -13,6 +13,7 @@ from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretr
 from examples.mimo.training.hetero.config import describe
 from examples.mimo.training.hetero.errors import TrainingDiverged
 from examples.mimo.training.hetero.evaluation import evaluate
+from examples.mimo.training.hetero.exits import ExitConditions
 from examples.mimo.training.hetero.grad_sync import GradSync
 from examples.mimo.training.hetero.logger import DataWait, IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
@@ -122,6 +123,9 @@ def train(rt: Runtime) -> list:
     limit = cfg.optim.max_consecutive_skipped_iters
     results = []
     saved = state.iteration
+    exits = ExitConditions(signal_name=ck.exit_signal, duration_mins=ck.exit_duration_mins,
+                           device=rt.device)
+    stop = None
 
     def save() -> None:
         nonlocal saved
@@ -156,9 +160,15 @@ def train(rt: Runtime) -> list:
                 save()
             if ck.exit_interval and state.iteration % ck.exit_interval == 0:
                 break
+            stop = exits.reason()
+            if stop is not None:
+                if dist.get_rank() == 0:
+                    print(f"stopping after iteration {state.iteration}: {stop}; saving", flush=True)
+                break
             if state.iteration < cfg.schedule.train_iters:
                 maybe_evaluate()
-        maybe_evaluate(force=True)  # as Megatron: once more after the last iteration
+        if stop is None:
+            maybe_evaluate(force=True)  # as Megatron: once more after the last iteration
         if ck.save and saved != state.iteration:
             save()
     finally:
