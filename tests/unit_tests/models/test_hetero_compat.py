@@ -90,27 +90,10 @@ def test_import_mamba_triton_kernels_lets_megatron_find_them():
                             "compat.import_mamba_triton_kernels()") == "True"
 
 
-# A subprocess: importing megatron.core.ssm here would fix HAVE_MAMBA_SSM for later tests.
-REFUSES_PACKED = """
-import types, torch
-from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.ssm.mamba_mixer import MambaMixer
-fake = types.SimpleNamespace(in_proj=lambda x: (x, None), use_mem_eff_path=False,
-                             cp=types.SimpleNamespace(pre_conv_ssm=lambda x, p: x))
-cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-try:
-    MambaMixer.forward(fake, torch.zeros(8, 1, 4), packed_seq_params=PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, total_tokens=8))
-except AssertionError as e:
-    print("refused:", e)
-"""
-
-
-def test_canary_mamba_mixer_refuses_packed_sequences_off_the_memory_efficient_path():
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", REFUSES_PACKED], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
-    assert "refused: Training with packed sequences is not supported" in out, \
-        "MambaMixer packs without causal-conv1d now: remove compat.packed_mamba_mixer"
+def test_canary_mamba_mixer_refuses_packed_sequences_off_the_memory_efficient_path(probes):
+    result = probes["packed_mamba_mixer"]
+    assert "error" not in result, result.get("error")
+    assert result["symptom"], "MambaMixer packs without causal-conv1d now: remove compat.packed_mamba_mixer"
 
 
 def test_packed_mamba_convolution_stays_within_each_sample():

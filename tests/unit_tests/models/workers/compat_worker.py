@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import types
 from datetime import timedelta
 
 import torch
@@ -293,6 +294,23 @@ def main(out_path: str, work: str):
             symptom = "Transformer Engine" in str(err)
         stack = compat.local_hybrid_stack()(config, submodules, **kwargs)
         return {"symptom": symptom, "fixed": type(stack.final_norm) is torch.nn.RMSNorm}
+
+    @probe("packed_mamba_mixer")
+    def _():
+        """Only the canary runs here: the fix needs the Triton scan (test_hetero_gpu_packing)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+        from megatron.core.ssm.mamba_mixer import MambaMixer
+
+        fake = types.SimpleNamespace(in_proj=lambda x: (x, None), use_mem_eff_path=False,
+                                     cp=types.SimpleNamespace(pre_conv_ssm=lambda x, p: x))
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        try:
+            MambaMixer.forward(fake, torch.zeros(8, 1, 4), packed_seq_params=PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, total_tokens=8))
+            refused = False
+        except AssertionError as err:
+            refused = "Training with packed sequences is not supported" in str(err)
+        return {"symptom": refused}
 
     rt.close()
     with open(out_path, "w") as f:
