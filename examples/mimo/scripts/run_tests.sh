@@ -10,6 +10,6 @@ cd "$root"
 # tests wait on process start-up (importing megatron-core takes ~5 s per rank) or on a peer's
 # timeout, so files in parallel finish sooner even on 2 cores (measured on 2 cores: serial 672 s
 # -> 2 workers 567 s; later suite: 2 workers 676 s -> 3 workers 640 s). HETERO_TEST_JOBS=0: serial.
-jobs=${HETERO_TEST_JOBS:-3}
+jobs=${HETERO_TEST_JOBS:-2}
 if [ "$jobs" -gt 0 ]; then set -- -n "$jobs" --dist loadfile "$@"; fi
 exec "$py" -m pytest "$@"

@@ -120,15 +120,3 @@ def test_language_from_checkpoint_missing_a_key(tmp_path):
     assert proc.returncode != 0
     assert f"not in checkpoint: {key}" in proc.stderr
 
-
-def test_colocated_resume_is_bit_exact_and_equals_the_hetero_run(straight, tmp_path):
-    """--colocated, both modules data-parallel over the same 2 ranks: saved at 3,
-    resumed to 6, equal to its own straight run bit for bit, and to the hetero layout's losses."""
-    args = SIX + ["--colocated", "--encoder-dp", "2", "--llm-dp", "2"]
-    whole = train(2, tmp_path, args, "whole")
-    ckpt = str(tmp_path / "ckpt")
-    first = train(2, tmp_path, args + ["--save", ckpt, "--exit-interval", "3"], "a")
-    second = train(2, tmp_path, args + ["--load", ckpt], "b")
-    same(whole, first + second)
-    for x, y in zip(straight[0], whole):
-        assert y["lm_loss"] == pytest.approx(x["lm_loss"], rel=1e-5)

@@ -8,14 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
-import signal
 import time
 
 import pytest
 
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.optim import build_scheduler
-from tests.unit_tests.models.dist_harness import ROOT, free_port, read_json_lines, run_train, torchrun, train
+from tests.unit_tests.models.dist_harness import ROOT, torchrun, train
 
 BASE = ["--global-batch-size", "8", "--seq-length", "32", "--lr", "3e-3", "--seed", "11",
         "--lr-decay-iters", "8"]
@@ -219,68 +218,3 @@ def test_weights_reshard_across_tp_when_the_optimizer_is_left_out(saved, tmp_pat
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["lm_loss"] == pytest.approx(saved[1][2]["lm_loss"], rel=1e-6)
 
-
-def _rank_pid(parent: int, rank: int) -> int:
-    """The pid of a torchrun worker by its RANK."""
-    for child in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True,
-                                text=True).stdout.split():
-        try:
-            env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env:
-            return int(child)
-    raise AssertionError(f"no worker with RANK={rank} under {parent}")
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
-    """SIGTERM to one rank (as SLURM's --signal may reach only some): every rank stops after the
-    same iteration, saves, and the job exits 0; a second SIGTERM during that save changes nothing;
-    the earlier checkpoint stays, and --load continues from the new one until its time limit."""
-    ckpt, metrics, out = tmp_path / "ckpt", tmp_path / "m.jsonl", tmp_path / "out.txt"
-    args = ["--device", "cpu", "--global-batch-size", "8", "--seq-length", "32",
-            "--distributed-timeout-minutes", "1", "--train-iters", "5000", "--save", str(ckpt),
-            "--save-interval", "4",
-            "--exit-signal-handler"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "examples.mimo.train_hetero",
-           *args, "--metrics-file", str(metrics)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(out, "w") as log:
-        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-        try:
-            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6,
-                      180, "6 iterations")
-            rank1 = _rank_pid(job.pid, 1)
-            os.kill(rank1, signal.SIGTERM)
-            _wait_for(lambda: "stopping after iteration" in out.read_text(), 60, "the stop")
-            os.kill(rank1, signal.SIGTERM)  # while the checkpoint is being written
-            assert job.wait(timeout=120) == 0, out.read_text()[-3000:]
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-    text = out.read_text()
-    stopped = int(re.search(r"stopping after iteration (\d+): SIGTERM received", text).group(1))
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
-    assert (ckpt / "iter_0000004").is_dir()  # the interval save before it is untouched
-    rows = read_json_lines(metrics)
-    assert rows[-1]["iteration"] == stopped
-    # The resume also runs into --exit-duration-in-mins (counted from process start).
-    resumed, proc = run_train(2, tmp_path, [*args, "--load", str(ckpt), "--exit-duration-in-mins",
-                                            "0.1"], "resumed")
-    assert resumed[0]["iteration"] == stopped + 1
-    assert resumed[0]["consumed_samples"] == (stopped + 1) * 8
-    last = int(re.search(r"stopping after iteration (\d+): --exit-duration-in-mins 0.1 reached",
-                         proc.stdout).group(1))
-    assert last == resumed[-1]["iteration"] < 5000
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(last)
