@@ -9,14 +9,12 @@ interleaved evaluation trains bit for bit as one without (tested on CPU).
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 from typing import Iterator, Optional, Tuple
 
 import torch
-from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
 
 from examples.mimo.training.hetero.runtime import Runtime
-from examples.mimo.training.hetero.step import forward_step, global_totals
+from examples.mimo.training.hetero.step import global_totals, run_schedule
 
 
 @contextlib.contextmanager
@@ -33,22 +31,13 @@ def rng_untouched(device: torch.device):
 
 def evaluate(rt: Runtime, data: Iterator[dict], *, iters: int) -> Optional[Tuple[float, int]]:
     """(per-token validation loss, tokens) on the last LLM stage; None elsewhere."""
-    cfg = rt.cfg
-    step = partial(forward_step, timers=None,
-                   image_token_id=rt.model_provider.data_spec(cfg.model).image_token_id)
     totals = None
     rt.model.eval()
     try:
         with rng_untouched(rt.device), torch.no_grad():
             for _ in range(iters):
-                store = forward_backward_pipelining_without_interleaving(
-                    forward_step_func=step, data_iterator=data, model=[rt.model],
-                    num_microbatches=cfg.batch.num_microbatches,
-                    seq_length=cfg.batch.seq_length, micro_batch_size=cfg.batch.micro_batch_size,
-                    forward_only=True, p2p_communicator=rt.topology.communicator,
-                    pg_collection=rt.topology.schedule_pgc)
-                if store:
-                    batch = torch.stack([d["lm loss"] for d in store]).sum(0)
+                batch = run_schedule(rt, data, timers=None, forward_only=True)
+                if batch is not None:
                     totals = batch if totals is None else totals + batch
     finally:
         rt.model.train()

@@ -52,8 +52,12 @@ def data_iterator(rt: Runtime, split: str = "train"):
 def interval_logger(rt: Runtime) -> IntervalLogger:
     cfg = rt.cfg
     spec = rt.model_provider.data_spec(cfg.model)
-    flops = partial(_step_flops, rt.model_provider.flops, cfg.model, cfg.batch.global_batch_size,
-                    cfg.batch.seq_length)
+
+    def flops(images: float):
+        return rt.model_provider.flops(cfg.model, StepWork(sequences=cfg.batch.global_batch_size,
+                                                           seq_length=cfg.batch.seq_length,
+                                                           images=images))
+
     return IntervalLogger(enabled=rt.is_logging_rank, interval=cfg.log.log_interval,
                           total_iters=cfg.schedule.train_iters,
                           global_batch=cfg.batch.global_batch_size, seq_length=cfg.batch.seq_length,
@@ -64,11 +68,6 @@ def interval_logger(rt: Runtime) -> IntervalLogger:
                           config_text="\n".join("    " + line for line in (
                               describe(cfg, rt.model_provider.facts(cfg.model)) + "\n\n"
                               + repr(cfg)).splitlines()))
-
-
-def _step_flops(provider_flops, model_cfg, sequences: int, seq_length: int, images: float):
-    return provider_flops(model_cfg, StepWork(sequences=sequences, seq_length=seq_length,
-                                              images=images))
 
 
 def log_workarounds() -> None:

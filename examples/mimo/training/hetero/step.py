@@ -55,6 +55,26 @@ def configure_schedule(rt: Runtime, grad_sync: GradSync, timers: Timers) -> None
     config.no_sync_func = rt.model.no_sync
 
 
+def run_schedule(rt: Runtime, data_iterator: Iterator[dict], *, timers: Optional[Timers],
+                 forward_only: bool = False) -> Optional[torch.Tensor]:
+    """One global batch through the 1F1B schedule across the bridge (training or validation):
+    this rank's [loss sum, loss tokens, image tokens], or None off the last LLM stage."""
+    cfg = rt.cfg
+    store = forward_backward_pipelining_without_interleaving(
+        forward_step_func=partial(forward_step, timers=timers,
+                                  image_token_id=rt.model_provider.data_spec(cfg.model).image_token_id),
+        data_iterator=data_iterator,
+        model=[rt.model],
+        num_microbatches=cfg.batch.num_microbatches,
+        seq_length=cfg.batch.seq_length,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        forward_only=forward_only,
+        p2p_communicator=rt.topology.communicator,
+        pg_collection=rt.topology.schedule_pgc,
+    )
+    return torch.stack([d["lm loss"] for d in store]).sum(0) if store else None
+
+
 def train_step(*, rt: Runtime, optimizer, scheduler, grad_sync: GradSync,
                data_iterator: Iterator[dict], timers: Timers) -> StepResult:
     cfg = rt.cfg
@@ -62,18 +82,7 @@ def train_step(*, rt: Runtime, optimizer, scheduler, grad_sync: GradSync,
     optimizer.zero_grad()
     learning_rate = scheduler.get_lr({})
     with timers.span("schedule"):
-        store = forward_backward_pipelining_without_interleaving(
-            forward_step_func=partial(forward_step, timers=timers,
-                                      image_token_id=rt.model_provider.data_spec(cfg.model).image_token_id),
-            data_iterator=data_iterator,
-            model=[rt.model],
-            num_microbatches=cfg.batch.num_microbatches,
-            seq_length=cfg.batch.seq_length,
-            micro_batch_size=cfg.batch.micro_batch_size,
-            p2p_communicator=rt.topology.communicator,
-            pg_collection=rt.topology.schedule_pgc,
-        )
-    totals = torch.stack([d["lm loss"] for d in store]).sum(0) if store else None
+        totals = run_schedule(rt, data_iterator, timers=timers)
     stats = grad_sync.normalize(None if totals is None else totals[1])
     if stats.found_nonfinite:
         skipped, grad_norm = True, None
