@@ -29,6 +29,7 @@ def main(argv) -> int:
 
     from examples.mimo.train_hetero import check, dry_run_report, quiet_library_warnings
     from examples.mimo.training.hetero.errors import ConfigError
+    from examples.mimo.training.hetero.exits import leave_signal_to_ranks
 
     args = get_args_parser().parse_args([*launcher, "-m", "examples.mimo.train_hetero", *trainer])
     nodes = int(str(args.nnodes).split(":")[-1])
@@ -42,6 +43,12 @@ def main(argv) -> int:
     if cfg.runtime.dry_run:
         print(dry_run_report(cfg, notes))
         return 0
+    if cfg.ckpt.exit_signal is not None:
+        try:
+            leave_signal_to_ranks(args, cfg.ckpt.exit_signal)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
     failures = tempfile.mkdtemp(prefix="hetero-failures-")
     os.environ["HETERO_FAILURE_DIR"] = failures
     # torchrun's agent logs each rank it stops and its own view of the failure; the summary

@@ -20,6 +20,8 @@ fails without it (the training path it exists for):
     local_hybrid_stack                 test_hetero_nemotron (every build of the local hybrid LLM)
     import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
     packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
+    signal_proof_checkpoint_writer     test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
+                                       (the requeue's SIGTERM reaches every process of the step)
 """
 
 import importlib.util
@@ -38,7 +40,8 @@ from tests.unit_tests.models.dist_harness import ROOT, torchrun
 PROBED = ["global_memory_buffer", "bridge_groups", "colocated_bridge_groups",
           "refuse_pickled_checkpoint_objects",
           "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
-          "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors"]
+          "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors",
+          "signal_proof_checkpoint_writer"]
 
 
 @pytest.fixture(scope="module")

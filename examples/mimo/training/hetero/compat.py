@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import signal
 import sys
 import types
 from datetime import timedelta
@@ -272,6 +273,24 @@ def checkpoint_writer_errors():
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+def signal_proof_checkpoint_writer(signal_name: str) -> None:
+    """``get_write_results_queue`` (dist_checkpointing/strategies/filesystem_async.py) spawns a
+    multiprocessing Manager server at the first save and keeps it for the process. SLURM sends a
+    signal to every process of a job step (``scancel --signal``, requeue, preemption), so the
+    exit signal that asks the ranks to save also kills that server, and the save then fails
+    with "broken pipe". Called before training with the signal ignored, the server is started
+    here and ignores it too (an ignored signal stays ignored across the spawn's exec)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    sig = getattr(signal, signal_name)
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        signal.signal(sig, previous)
+    _mark("signal_proof_checkpoint_writer")
 
 
 def match_saved_param_groups(optimizer_state, *, lr: float, min_lr: float) -> None:

@@ -10,9 +10,10 @@ is atomic (checkpointing.py), so the previous checkpoint is never harmed.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,3 +54,48 @@ class ExitConditions:
         if flags[1].item():
             return f"--exit-duration-in-mins {self.duration_mins:g} reached"
         return None
+
+
+def leave_signal_to_ranks(torchrun_args, signal_name: str) -> None:
+    """Make the launcher (torchrun's agent, in this process) pass ``signal_name`` on to its ranks
+    instead of ending them.
+
+    torchrun's agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into "stop the workers": SIGTERM
+    to each rank, SIGKILL 30 s later, exit status != 0. Any other signal (SIGUSR1) kills the agent
+    itself. Under --exit-signal-handler that loses the save, so the agent is told not to handle
+    this one signal (torchrun's --signals-to-handle) and this process forwards it to its direct
+    children, the ranks. A rank that also got it from the scheduler (SLURM signals every process
+    of a step) only sets its flag twice.
+    """
+    handled = getattr(torchrun_args, "signals_to_handle", None)
+    if handled is None:
+        raise ValueError("--exit-signal-handler: this torch's torchrun has no --signals-to-handle, "
+                         "so it would end the ranks on the signal instead of letting them save")
+    torchrun_args.signals_to_handle = ",".join(
+        s for s in (x.strip() for x in handled.split(",")) if s and s != signal_name) or "SIGQUIT"
+    signal.signal(getattr(signal, signal_name), _forward_to_children)
+
+
+def _forward_to_children(signum, frame) -> None:
+    for pid in child_pids(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def child_pids(parent: int) -> List[int]:
+    """Direct children of ``parent``, from /proc (Linux; the ranks are started with Popen)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
+            children.append(int(entry))
+    return children

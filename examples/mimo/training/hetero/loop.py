@@ -94,6 +94,13 @@ def train(rt: Runtime) -> list:
     instrument_communicator(rt.topology.communicator, timers)
     configure_schedule(rt, grad_sync, timers)
     state = TrainState()
+    # Before the first DataLoader worker forks: the workers inherit the handler, so a signal sent
+    # to every process of the job (SLURM signals a whole step) sets a flag there too instead of
+    # killing them in the middle of the iteration that is to finish.
+    if ck.exit_signal is not None:
+        compat.signal_proof_checkpoint_writer(ck.exit_signal)
+    exits = ExitConditions(signal_name=ck.exit_signal, duration_mins=ck.exit_duration_mins,
+                           device=rt.device)
     data = data_iterator(rt)
     timed_data = DataWait(data)
     checkpointer = Checkpointer(rt, optimizer=optimizer, scheduler=scheduler, train_state=state,
@@ -122,8 +129,6 @@ def train(rt: Runtime) -> list:
     limit = cfg.optim.max_consecutive_skipped_iters
     results = []
     saved = state.iteration
-    exits = ExitConditions(signal_name=ck.exit_signal, duration_mins=ck.exit_duration_mins,
-                           device=rt.device)
     stop = None
 
     def save() -> None:

@@ -12,7 +12,9 @@ import copy
 import errno
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 import types
 from datetime import timedelta
@@ -171,6 +173,35 @@ def main(out_path: str, work: str):
             with compat.param_groups_within(group):
                 _get_param_groups(*args)
         return {"symptom": symptom, "fixed": _gather_group(calls[-1]) is group}
+
+    @probe("signal_proof_checkpoint_writer")
+    def _():
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        from examples.mimo.training.hetero.exits import child_pids
+
+        def writer_survives_sigterm(make_queue) -> bool:
+            filesystem_async._results_queue = None
+            before = set(child_pids(os.getpid()))
+            queue = make_queue()
+            server = (set(child_pids(os.getpid())) - before).pop()
+            os.kill(server, signal.SIGTERM)  # as SLURM signals every process of a step
+            time.sleep(1.0)
+            try:
+                queue.put(1)
+                return queue.get(timeout=5) == 1
+            except Exception:  # the server is gone: "broken pipe" / EOFError
+                return False
+            finally:
+                filesystem_async._results_queue = None
+
+        upstream = writer_survives_sigterm(filesystem_async.get_write_results_queue)
+
+        def patched():
+            compat.signal_proof_checkpoint_writer("SIGTERM")
+            return filesystem_async._results_queue
+
+        return {"symptom": not upstream, "fixed": writer_survives_sigterm(patched)}
 
     @probe("checkpoint_writer_errors")
     def _():
