@@ -33,6 +33,12 @@ class ModelFacts:
     uses_mamba: bool = False  # needs mamba-ssm's Triton kernels (see compat.import_mamba_triton_kernels)
     encoder_params: int = 0  # parameters of the encoder branch (ViT + projector), all ranks together
     llm_params: int = 0  # parameters of the language model, all ranks together
+    # For the layout planner's cost and memory model (cluster/planner.py):
+    llm_expert_params: int = 0  # of llm_params, those in routed experts (sharded by EP)
+    llm_hidden_size: int = 0
+    encoder_hidden_size: int = 0
+    encoder_num_layers: int = 0
+    encoder_tokens_per_image: int = 0  # the ViT's sequence length per image
 
 
 @dataclass(frozen=True)

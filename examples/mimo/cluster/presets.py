@@ -187,15 +187,36 @@ def job(shape_name: str, *, nodes: int, per_node: int, device: str, extra: Seque
             "train_iters": int(iters) if iters else 0, "exit_duration_mins": duration or ""}
 
 
+def scripts() -> Dict[str, Tuple[str, str, str]]:
+    """shape -> (its sbatch script, #SBATCH --nodes, #SBATCH --time), read from the scripts."""
+    import glob
+    import os
+    import re
+
+    out = {}
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+    for path in sorted(glob.glob(os.path.join(here, "sbatch_*.sh"))):
+        text = open(path).read()
+        shape = re.search(r'sbatch_job\.sh" (\S+) ', text)
+        if shape:
+            header = dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)$", text, re.M))
+            out[shape.group(1)] = (os.path.basename(path), header.get("nodes", "?"),
+                                   header.get("time", "?"))
+    return out
+
+
 def table() -> str:
     """The README's table of shapes (a test checks that the README holds this text)."""
-    rows = ["| shape | what | encoder | LLM TP/PP/EP | micro / global batch | seq | iters |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| script | nodes | time | what | encoder | LLM TP/PP/EP | micro / global batch | seq |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    found = scripts()
     for name, s in SHAPES.items():
+        script, nodes, time = found.get(name, ("(none)", "?", "?"))
         enc = (f"{s.encoder_nodes} node(s), TP{s.encoder_tp}" if s.encoder_nodes
-               else f"{s.encoder_fraction:.0%} of the node, TP{s.encoder_tp}")
-        rows.append(f"| `{name}` | {s.description} | {enc} | {s.llm_tp}/{s.llm_pp}/{s.llm_ep} | "
-                    f"{s.micro_batch} / {s.global_batch} | {s.seq_length} | {s.train_iters} |")
+               else f"{s.encoder_fraction:.0%} of the ranks, TP{s.encoder_tp}")
+        rows.append(f"| `{script}` | {nodes} | {time} | {s.description} | {enc} "
+                    f"| {s.llm_tp}/{s.llm_pp}/{s.llm_ep} | {s.micro_batch} / {s.global_batch} "
+                    f"| {s.seq_length} |")
     return "\n".join(rows)
 
 

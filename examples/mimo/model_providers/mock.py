@@ -101,7 +101,10 @@ def facts(cfg: MockModelConfig) -> ModelFacts:
     return ModelFacts(llm_num_layers=cfg.num_layers, llm_num_heads=cfg.num_attention_heads,
                       llm_num_query_groups=cfg.num_attention_heads,
                       encoder_num_heads=cfg.encoder_num_attention_heads, num_experts=0,
-                      llm_moe_layers=0, encoder_params=vit + projector, llm_params=llm)
+                      llm_moe_layers=0, encoder_params=vit + projector, llm_params=llm,
+                      llm_hidden_size=h, encoder_hidden_size=c,
+                      encoder_num_layers=cfg.encoder_num_layers,
+                      encoder_tokens_per_image=cfg.image_tokens)
 
 
 def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:

@@ -198,7 +198,13 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       num_experts=a.num_experts if moe_layers else 0, llm_moe_layers=moe_layers,
                       moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else (),
                       uses_mamba="M" in a.hybrid_layer_pattern,
-                      encoder_params=vit + projection, llm_params=language_params(a))
+                      encoder_params=vit + projection, llm_params=language_params(a),
+                      llm_expert_params=moe_layers * a.num_experts * 2 * a.hidden_size
+                      * a.moe_ffn_hidden_size,
+                      llm_hidden_size=a.hidden_size, encoder_hidden_size=a.vision_hidden_size,
+                      encoder_num_layers=a.vision_num_layers,
+                      encoder_tokens_per_image=(a.img_h // a.patch_dim) * (a.img_w // a.patch_dim)
+                      + a.class_token_len)
 
 
 def checkpoint_must_match(cfg: NemotronVLMConfig) -> dict:

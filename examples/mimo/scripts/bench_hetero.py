@@ -86,6 +86,9 @@ def main(argv) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--measure", type=int, default=16)
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--profile-out", default=None,
+                   help="write each run's flags and last interval row here, as JSON: the "
+                        "measured profile of plan_layout.py --profile")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
     a = p.parse_args(argv)
     if a.nproc < 1 or a.measure < 1 or a.warmup < 0:
@@ -108,6 +111,11 @@ def main(argv) -> int:
         results.append((name, gpus, r))
         print(f"{name}: {r['interval_iteration_ms']:.1f} ms/iteration", flush=True)
     print(f"iterations {warmup + 1}-{warmup + a.measure} of each run; logs in {logs}")
+    if a.profile_out:
+        runs = [{"layout": name, "world": gpus, "flags": flags + extra, "row": r}
+                for (name, gpus, extra), (_, _, r) in zip(layouts(a.nproc, a.encoder_gpus), results)]
+        with open(a.profile_out, "w") as f:
+            json.dump({"runs": runs}, f, indent=1)
     print(table(results))
     return 0
 

@@ -30,7 +30,8 @@ PY
 src=$(mktemp -d)
 # Published wheels are kept; an sdist (megatron-core) is built into a wheel by this interpreter.
 # (pip 23's "pip wheel" disregards --ignore-requires-python for index packages; download does not.)
-[ -z "$specs" ] || "$py" -m pip download --no-deps --ignore-requires-python -d "$src" $specs
+read -ra spec_list <<< "$specs"
+[ -z "$specs" ] || "$py" -m pip download --no-deps --ignore-requires-python -d "$src" "${spec_list[@]}"
 for f in "$src"/*; do
   case "$f" in
     *.whl) mv "$f" "$out"/ ;;

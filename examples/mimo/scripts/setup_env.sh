@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/../../.." && pwd)
 venv=${HETERO_VENV:-$root/.venv}
 req=$root/requirements.txt
 stamp=$venv/.hetero-installed
-mamba=mamba-ssm==2.3.2.post1
+mamba="mamba-ssm==2.3.2.post1"
 want=$( (cat "$req"; echo "$mamba") | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
