@@ -29,7 +29,7 @@ def main(argv) -> int:
 
     from examples.mimo.train_hetero import check, dry_run_report, quiet_library_warnings
     from examples.mimo.training.hetero.errors import ConfigError
-    from examples.mimo.training.hetero.exits import leave_signal_to_ranks
+    from examples.mimo.training.hetero.exits import ignore_signal, leave_signal_to_ranks
 
     args = get_args_parser().parse_args([*launcher, "-m", "examples.mimo.train_hetero", *trainer])
     nodes = int(str(args.nnodes).split(":")[-1])
@@ -56,6 +56,8 @@ def main(argv) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
         run(args)
+        if cfg.ckpt.exit_signal is not None:
+            ignore_signal(cfg.ckpt.exit_signal)  # a late one must not kill the clean exit
     except ChildFailedError:
         reports = []
         for path in glob.glob(os.path.join(failures, "rank*.json")):

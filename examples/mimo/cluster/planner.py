@@ -170,7 +170,8 @@ def estimate(layout: Layout, *, facts, flops_per_sample: Tuple[float, float], se
 def calibrate(profile_path: str, shape_of) -> Dict[str, float]:
     """What a bench_hetero.py --profile-out file measured, as the cost model's constants:
     - ``encoder``/``llm``: achieved TFLOP/s per GPU, a branch's model FLOPs per GPU over its
-      forward + backward time (the hetero run; a colocated run's one "model" rate otherwise);
+      forward + backward time (the hetero run, the LLM-only run; a colocated run's encoder gets
+      what the LLM's rate leaves of its time, or both get its one rate);
     - ``optimizer_s_per_param``: Adam step seconds per parameter of a rank's shard;
     - ``network_gbps``: the gradient sync's bandwidth, from a run whose DP group exceeds 1.
     ``shape_of(flags, world)`` gives a profiled run's (encoder FLOPs, LLM FLOPs, encoder GPUs,
@@ -178,18 +179,25 @@ def calibrate(profile_path: str, shape_of) -> Dict[str, float]:
     with open(profile_path) as f:
         runs = json.load(f)["runs"]
     out: Dict[str, float] = {}
-    for run in sorted(runs, key=lambda r: r["layout"] != "hetero"):  # hetero first: both branches
+    # per-branch runs first (hetero, then LLM-only), so that a colocated run's one "model" time
+    # can be split: its encoder time is what the LLM's known rate leaves of it
+    order = {"hetero": 0, "llm-only": 1}
+    for run in sorted(runs, key=lambda r: order.get(r["layout"], 2)):
         row = run["row"]
         enc_f, llm_f, enc_g, llm_g, enc_p, llm_p, dp, b = shape_of(run["flags"], run["world"])
         branches = ((("model", enc_f + llm_f, run["world"], enc_p + llm_p),)
                     if "model_forward_ms" in row else
                     (("encoder", enc_f, enc_g, enc_p), ("llm", llm_f, llm_g, llm_p)))
         for label, flops, gpus, params in branches:
-            busy = row.get(f"{label}_forward_ms", 0) + row.get(f"{label}_backward_ms", 0)
+            busy = (row.get(f"{label}_forward_ms", 0) + row.get(f"{label}_backward_ms", 0)) / 1e3
             if busy > 0 and flops > 0 and gpus:
-                rate = flops / gpus / (busy / 1e3) / 1e12
-                for name in (("encoder", "llm") if label == "model" else (label,)):
-                    out.setdefault(name, rate)
+                if label != "model":
+                    out.setdefault(label, flops / gpus / busy / 1e12)
+                elif "llm" in out and enc_f and busy > llm_f / gpus / (out["llm"] * 1e12):
+                    out.setdefault("encoder", enc_f / gpus / (busy - llm_f / gpus / (out["llm"] * 1e12)) / 1e12)
+                else:
+                    for name in ("encoder", "llm"):
+                        out.setdefault(name, flops / gpus / busy / 1e12)
             if params and row.get(f"{label}_optimizer_ms"):
                 out.setdefault("optimizer_s_per_param", row[f"{label}_optimizer_ms"] / 1e3 / (params / dp))
             sync = row.get(f"{label}_grad_sync_ms", 0)
@@ -233,8 +241,9 @@ def plan(flags: Sequence[str], *, nodes: int, gpus_per_node: int, global_batch: 
     from examples.mimo.training.hetero.config import parse_config
 
     world = nodes * gpus_per_node
-    base = [*flags, "--global-batch-size", str(global_batch), "--seq-length", str(seq_length),
-            "--train-iters", "1"]
+    # a long run by default (schedule lengths are the user's business), their flags after it
+    base = ["--train-iters", "1000000", *flags, "--global-batch-size", str(global_batch),
+            "--seq-length", str(seq_length)]
     provider, model_cfg = _model(base)
     facts = provider.facts(model_cfg)
     per_sample = _per_sample_flops(provider, model_cfg, seq_length, images_per_sample)

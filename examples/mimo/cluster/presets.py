@@ -231,11 +231,17 @@ def main(argv: Sequence[str]) -> int:
     j.add_argument("--time-left", default="")
     j.add_argument("--exit-margin-mins", type=float, default=10.0)
     sub.add_parser("table", help="the README's table of shapes")
+    left = sub.add_parser("minutes-left", help="squeue's %%L in minutes ('' when unlimited)")
+    left.add_argument("time_left")
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:split]), argv[split + 1:]
     if args.command == "table":
         print(table())
+        return 0
+    if args.command == "minutes-left":
+        minutes = minutes_left(args.time_left)
+        print("" if minutes is None else f"{minutes:.2f}")
         return 0
     try:
         out = job(args.shape, nodes=args.nodes, per_node=args.per_node, device=args.device,
@@ -246,7 +252,6 @@ def main(argv: Sequence[str]) -> int:
     print(f"flags=({' '.join(shlex.quote(f) for f in out['flags'])})")
     print(f"reference=({' '.join(shlex.quote(f) for f in out['reference'])})")
     print(f"train_iters={out['train_iters']}")
-    print(f"exit_duration_mins={out['exit_duration_mins']}")
     return 0
 
 

@@ -14,8 +14,8 @@
 #   scancel and preemption) makes every rank finish its iteration, save, and exit 0; the launcher
 #   passes the signal to its ranks instead of stopping them;
 # - --exit-duration-in-mins: the job's remaining time less HETERO_EXIT_MARGIN_MINS (default 10,
-#   more than the scripts' --signal lead); a run that stops at or after it short of
-#   --train-iters requeues itself (at most HETERO_MAX_RESTARTS times, default 20).
+#   more than the scripts' --signal lead); a run that stops short of --train-iters with at most
+#   the margin left requeues itself (at most HETERO_MAX_RESTARTS times, default 20).
 #
 # Environment (all optional but the data of the production shapes):
 #   HETERO_ROOT        the repository (default: the directory sbatch was called from)
@@ -59,13 +59,12 @@ if [ -n "${HETERO_TOKENIZER:-}" ]; then
   data+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HETERO_TOKENIZER")
 fi
 time_left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null || true)
-# Defines flags, reference, train_iters and exit_duration_mins; an impossible shape for this
-# allocation is one line.
+# Defines flags, reference and train_iters; an impossible shape for this allocation is one line.
 assignments=$(cd "$root" && "$py" -m examples.mimo.cluster.presets job "$shape" --nodes "$nodes" \
   --per-node "$per_node" --device "$device" --time-left "$time_left" \
   --exit-margin-mins "${HETERO_EXIT_MARGIN_MINS:-10}" -- "${data[@]}" "$@")
 declare -a flags reference
-train_iters=0 exit_duration_mins=
+train_iters=0
 eval "$assignments"
 
 run_step() {  # run_step NAME FLAGS...: one srun step of the launcher on every node
@@ -109,12 +108,14 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 if [ "$done_iters" -lt "$train_iters" ]; then
-  # Stopped early with a checkpoint: by --exit-duration-in-mins (requeue, as SLURM's limit is
-  # near) or by a signal (scancel, preemption: SLURM decides, the job ends here with 0).
-  if [ -n "$exit_duration_mins" ] &&
-     awk -v e="$((SECONDS - start))" -v d="$exit_duration_mins" 'BEGIN { exit !(e >= d * 60 - 5) }'; then
+  # Stopped early with a checkpoint. Near SLURM's limit (at most the margin left: stopped by
+  # --exit-duration-in-mins or the time-limit signal) the job requeues itself; otherwise it was
+  # scancel or preemption, and SLURM decides; the job ends here with 0.
+  left=$(cd "$root" && "$py" -m examples.mimo.cluster.presets minutes-left \
+    "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null || true)")
+  if [ -n "$left" ] && awk -v l="$left" -v m="${HETERO_EXIT_MARGIN_MINS:-10}" 'BEGIN { exit !(l <= m) }'; then
     if [ "$restart" -lt "${HETERO_MAX_RESTARTS:-20}" ]; then
-      echo "job $SLURM_JOB_ID: stopped before the time limit at iteration $done_iters; requeueing"
+      echo "job $SLURM_JOB_ID: stopped before the time limit at iteration $done_iters ($left min left); requeueing"
       scontrol requeue "$SLURM_JOB_ID"
     else
       echo "job $SLURM_JOB_ID: stopped before the time limit; not requeued (HETERO_MAX_RESTARTS=${HETERO_MAX_RESTARTS:-20} restarts done)"

@@ -139,7 +139,7 @@ def test_every_printed_layout_is_accepted_by_the_trainer(capsys):
     out = capsys.readouterr().out
     lines = re.findall(r"^\d+: (.*)$", out, re.M)
     assert len(lines) == 50
-    base = [*model, "--global-batch-size", "256", "--seq-length", "4096", "--train-iters", "1"]
+    base = ["--train-iters", "1000000", *model, "--global-batch-size", "256", "--seq-length", "4096"]
     for line in lines:
         parse_config(base + line.split(), world_size=72)
     # hand-checked: the LLM has ~2.6x the encoder's FLOPs per sample on 8x the GPUs, so the

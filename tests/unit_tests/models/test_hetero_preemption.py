@@ -74,3 +74,38 @@ def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
                          proc.stdout).group(1))
     assert last == resumed[-1]["iteration"] < 5000
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(last)
+
+
+def test_the_signal_is_left_to_the_ranks_and_ignored_once_training_is_over():
+    """In process: the launcher takes the exit signal off torchrun's list and forwards it to its
+    children; after the last save a rank (and the launcher) ignore it, since Python restores the
+    default action of a handled signal when it finalizes and a late SIGTERM then killed a rank
+    that had saved and was exiting 0 (found on the SLURM test: SLURM's --signal came early)."""
+    import argparse
+
+    import torch
+
+    from examples.mimo.training.hetero.exits import ExitConditions, child_pids, leave_signal_to_ranks
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        args = argparse.Namespace(signals_to_handle="SIGTERM,SIGINT,SIGUSR2,SIGHUP")
+        leave_signal_to_ranks(args, "SIGUSR2")
+        assert args.signals_to_handle == "SIGTERM,SIGINT,SIGHUP"
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        assert child.pid in child_pids(os.getpid())
+        os.kill(os.getpid(), signal.SIGUSR2)  # forwarded: the child dies of it
+        assert child.wait(timeout=10) == -signal.SIGUSR2
+        try:
+            leave_signal_to_ranks(argparse.Namespace(), "SIGUSR2")
+            raise AssertionError("a torchrun without --signals-to-handle must be refused")
+        except ValueError as err:
+            assert "--signals-to-handle" in str(err)
+
+        exits = ExitConditions(signal_name="SIGUSR2", duration_mins=None, device=torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert exits.received
+        exits.finish()
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -37,6 +37,14 @@ class ExitConditions:
     def _on_signal(self, signum, frame) -> None:
         self.received = True
 
+    def finish(self) -> None:
+        """Training is over and saved: the signal is ignored for the rest of the process. Python
+        restores the default action of a handled signal when the interpreter finalizes, so a
+        SIGTERM arriving then (SLURM's ``--signal`` may come up to a minute early, or late)
+        would turn a clean exit into death by signal; an ignored one stays ignored."""
+        if self.signal_name is not None:
+            signal.signal(getattr(signal, self.signal_name), signal.SIG_IGN)
+
     @property
     def enabled(self) -> bool:
         return self.signal_name is not None or self.duration_mins is not None
@@ -74,6 +82,11 @@ def leave_signal_to_ranks(torchrun_args, signal_name: str) -> None:
     torchrun_args.signals_to_handle = ",".join(
         s for s in (x.strip() for x in handled.split(",")) if s and s != signal_name) or "SIGQUIT"
     signal.signal(getattr(signal, signal_name), _forward_to_children)
+
+
+def ignore_signal(signal_name: str) -> None:
+    """The launcher's counterpart of ExitConditions.finish, once its ranks have exited."""
+    signal.signal(getattr(signal, signal_name), signal.SIG_IGN)
 
 
 def _forward_to_children(signum, frame) -> None:

@@ -175,6 +175,7 @@ def train(rt: Runtime) -> list:
             maybe_evaluate(force=True)  # as Megatron: once more after the last iteration
         if ck.save and saved != state.iteration:
             save()
+        exits.finish()
     finally:
         log.close()
     report_peak_memory(rank=dist.get_rank(), module=rt.topology.module_name, device=rt.device)
