@@ -24,8 +24,9 @@ def free_port() -> int:
 
 def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run -m module args`` from the repo root, with a hard timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    """torchrun ``-m module args`` from the repo root, with a hard timeout; the ranks are forked
+    from an agent that has imported megatron-core (fork_run.py)."""
+    cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Output goes to files and the job runs in its own session: a process left behind by a killed
