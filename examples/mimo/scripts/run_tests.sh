@@ -6,8 +6,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 py=${HETERO_PYTHON:-$(bash "$root/examples/mimo/scripts/setup_env.sh" | tail -n 1)}
 cd "$root"
-# Three pytest workers, one test file each at a time (module fixtures are computed once): most
-# tests wait on process start-up (importing megatron-core takes ~5 s per rank) or on a peer's
+# Two pytest workers, one test file each at a time (module fixtures are computed once): most
+# tests wait on process start-up (the agent imports megatron-core for ~5 s; the ranks are forked
+# from it, tests/unit_tests/models/fork_run.py) or on a peer's
 # timeout, so files in parallel finish sooner even on 2 cores (measured on 2 cores: serial 672 s
 # -> 2 workers 567 s; later suite: 2 workers 676 s -> 3 workers 640 s). HETERO_TEST_JOBS=0: serial.
 jobs=${HETERO_TEST_JOBS:-2}
