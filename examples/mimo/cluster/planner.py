@@ -25,35 +25,38 @@ import json
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from examples.mimo.training.hetero.config import GridConfig
+
 POWERS = (1, 2, 4, 8)
 ADAM_BYTES_PER_PARAM = 2 * (4 + 4 + 4 + 2 + 2)  # read and write main, m, v, grad, bf16 weight
 
 
 @dataclass(frozen=True)
 class Layout:
-    colocated: bool
-    encoder_tp: int
-    encoder_dp: int
-    llm_tp: int
-    llm_pp: int
-    llm_dp: int
-    llm_ep: int
+    grid: GridConfig  # the trainer's own grid type (llm_expt_tp = llm_tp, the default)
     micro_batch: int
 
     @property
     def encoder_gpus(self) -> int:
-        return 0 if self.colocated else self.encoder_tp * self.encoder_dp
+        return 0 if self.grid.colocated else self.grid.encoder_size
 
     @property
     def lanes_per_encoder_rank(self) -> float:
-        return self.llm_dp / self.encoder_dp
+        return self.grid.llm_dp / self.grid.encoder_dp
 
     def flags(self) -> List[str]:
-        out = ["--colocated"] if self.colocated else []
-        return out + ["--encoder-tp", str(self.encoder_tp), "--encoder-dp", str(self.encoder_dp),
-                      "--llm-tp", str(self.llm_tp), "--llm-pp", str(self.llm_pp),
-                      "--llm-dp", str(self.llm_dp), "--llm-ep", str(self.llm_ep),
-                      "--micro-batch-size", str(self.micro_batch)]
+        g = self.grid
+        return (["--colocated"] if g.colocated else []) + [
+            "--encoder-tp", str(g.encoder_tp), "--encoder-dp", str(g.encoder_dp),
+            "--llm-tp", str(g.llm_tp), "--llm-pp", str(g.llm_pp), "--llm-dp", str(g.llm_dp),
+            "--llm-ep", str(g.llm_ep), "--micro-batch-size", str(self.micro_batch)]
+
+
+def layout(*, colocated: bool, encoder_tp: int, encoder_dp: int, llm_tp: int, llm_pp: int,
+           llm_dp: int, llm_ep: int, micro_batch: int) -> Layout:
+    return Layout(GridConfig(encoder_tp=encoder_tp, encoder_dp=encoder_dp, llm_tp=llm_tp,
+                             llm_pp=llm_pp, llm_dp=llm_dp, llm_ep=llm_ep, llm_expt_tp=llm_tp,
+                             llm_only=False, colocated=colocated), micro_batch)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ def candidates(world: int, gpus_per_node: int, facts, global_batch: int) -> Iter
                             lane_batch = mbs * dp
                             if global_batch % lane_batch or lane_batch % (enc // enc_tp):
                                 continue
-                            yield Layout(colocated, enc_tp, enc // enc_tp, tp, pp, dp, ep, mbs)
+                            yield layout(colocated=colocated, encoder_tp=enc_tp,
+                                         encoder_dp=enc // enc_tp, llm_tp=tp, llm_pp=pp,
+                                         llm_dp=dp, llm_ep=ep, micro_batch=mbs)
 
 
 def _ring(nbytes: float, group: int, gbps: float) -> float:
@@ -114,56 +119,56 @@ def _ring(nbytes: float, group: int, gbps: float) -> float:
     return 0.0 if group <= 1 else 2 * (group - 1) / group * nbytes / (gbps * 1e9)
 
 
-def estimate(layout: Layout, *, facts, flops_per_sample: Tuple[float, float], seq_length: int,
+def estimate(plan_: Layout, *, facts, flops_per_sample: Tuple[float, float], seq_length: int,
              images_per_sample: float, global_batch: int, machine: Machine) -> Estimate:
-    L, m = layout, machine
+    L, g, m = plan_, plan_.grid, machine
     enc_flops, llm_flops = flops_per_sample
-    micro = global_batch // (L.micro_batch * L.llm_dp)
-    enc_samples = L.micro_batch * L.llm_dp / L.encoder_dp  # per encoder rank and micro-batch
-    llm_layers = facts.llm_num_layers / L.llm_pp
+    micro = global_batch // (L.micro_batch * g.llm_dp)
+    enc_samples = L.micro_batch * g.llm_dp / g.encoder_dp  # per encoder rank and micro-batch
+    llm_layers = facts.llm_num_layers / g.llm_pp
     b = m.bytes_per_value
 
     # compute and TP all-reduces of one micro-batch
     llm_act = L.micro_batch * seq_length * facts.llm_hidden_size * b
-    llm_s = (llm_flops * L.micro_batch / (L.llm_tp * L.llm_pp) / (m.llm_tflops * 1e12)
-             + 4 * llm_layers * _ring(llm_act, L.llm_tp, m.intra_node_gbps))
+    llm_s = (llm_flops * L.micro_batch / (g.llm_tp * g.llm_pp) / (m.llm_tflops * 1e12)
+             + 4 * llm_layers * _ring(llm_act, g.llm_tp, m.intra_node_gbps))
     enc_tokens = enc_samples * images_per_sample * facts.encoder_tokens_per_image
     enc_act = enc_tokens * facts.encoder_hidden_size * b
-    enc_s = (enc_flops * enc_samples / L.encoder_tp / (m.encoder_tflops * 1e12)
-             + 4 * facts.encoder_num_layers * _ring(enc_act, L.encoder_tp, m.intra_node_gbps))
-    if L.colocated:
+    enc_s = (enc_flops * enc_samples / g.encoder_tp / (m.encoder_tflops * 1e12)
+             + 4 * facts.encoder_num_layers * _ring(enc_act, g.encoder_tp, m.intra_node_gbps))
+    if g.colocated:
         stages, schedule = 1, micro * (enc_s + llm_s)
     else:
-        stages = 1 + L.llm_pp
+        stages = 1 + g.llm_pp
         schedule = (micro + stages - 1) * max(enc_s, llm_s)
 
     # parameters per GPU: dense ones split by TP (and PP), experts by EP (and PP)
-    expert = facts.llm_expert_params / (L.llm_ep * L.llm_pp)
-    dense = (facts.llm_params - facts.llm_expert_params) / (L.llm_tp * L.llm_pp)
-    enc_params = facts.encoder_params / L.encoder_tp
-    expert_dp = L.llm_tp * L.llm_dp // L.llm_ep
+    expert = facts.llm_expert_params / (g.llm_ep * g.llm_pp)
+    dense = (facts.llm_params - facts.llm_expert_params) / (g.llm_tp * g.llm_pp)
+    enc_params = facts.encoder_params / g.encoder_tp
+    expert_dp = g.llm_tp * g.llm_dp // g.llm_ep
 
     def gbps(group_gpus: int) -> float:
         return m.intra_node_gbps if group_gpus <= m.gpus_per_node else m.inter_node_gbps
 
-    llm_sync = (_ring(dense * b, L.llm_dp, gbps(L.llm_tp * L.llm_pp * L.llm_dp))
-                + _ring(expert * b, expert_dp, gbps(L.llm_tp * L.llm_dp * L.llm_pp))
-                + m.optimizer_s(dense / L.llm_dp + expert / expert_dp))
-    enc_sync = (_ring(enc_params * b, L.encoder_dp, gbps(L.encoder_tp * L.encoder_dp))
-                + m.optimizer_s(enc_params / L.encoder_dp))
-    sync = llm_sync + enc_sync if L.colocated else max(llm_sync, enc_sync)
+    llm_sync = (_ring(dense * b, g.llm_dp, gbps(g.llm_tp * g.llm_pp * g.llm_dp))
+                + _ring(expert * b, expert_dp, gbps(g.llm_tp * g.llm_dp * g.llm_pp))
+                + m.optimizer_s(dense / g.llm_dp + expert / expert_dp))
+    enc_sync = (_ring(enc_params * b, g.encoder_dp, gbps(g.encoder_tp * g.encoder_dp))
+                + m.optimizer_s(enc_params / g.encoder_dp))
+    sync = llm_sync + enc_sync if g.colocated else max(llm_sync, enc_sync)
 
     # memory: weights + grads (2b), fp32 main + Adam moments (12 B) over DP, and activations:
     # 34 bytes per token and hidden unit at 2-byte values, i.e. 17 x the layer's output, for the
     # micro-batches a first stage holds in 1F1B (the encoder leads the LLM's stages)
-    llm_flight = min(micro, L.llm_pp)
-    enc_flight = 1 if L.colocated else min(micro, stages)
-    llm_mem = ((dense + expert) * 2 * b + dense * 12 / L.llm_dp + expert * 12 / expert_dp
-               + 17 * llm_act * llm_layers / L.llm_tp * llm_flight)
-    enc_mem = (enc_params * 2 * b + enc_params * 12 / L.encoder_dp
-               + 17 * enc_act * facts.encoder_num_layers / L.encoder_tp * enc_flight)
-    memory = (llm_mem + enc_mem) if L.colocated else max(llm_mem, enc_mem)
-    return Estimate(layout, iteration_ms=(schedule + sync) * 1e3, encoder_ms=enc_s * 1e3,
+    llm_flight = min(micro, g.llm_pp)
+    enc_flight = 1 if g.colocated else min(micro, stages)
+    llm_mem = ((dense + expert) * 2 * b + dense * 12 / g.llm_dp + expert * 12 / expert_dp
+               + 17 * llm_act * llm_layers / g.llm_tp * llm_flight)
+    enc_mem = (enc_params * 2 * b + enc_params * 12 / g.encoder_dp
+               + 17 * enc_act * facts.encoder_num_layers / g.encoder_tp * enc_flight)
+    memory = (llm_mem + enc_mem) if g.colocated else max(llm_mem, enc_mem)
+    return Estimate(plan_, iteration_ms=(schedule + sync) * 1e3, encoder_ms=enc_s * 1e3,
                     llm_ms=llm_s * 1e3, sync_ms=sync * 1e3, memory_gib=memory / 2 ** 30)
 
 
@@ -211,8 +216,9 @@ def calibrate(profile_path: str, shape_of) -> Dict[str, float]:
 def rank(estimates: Sequence[Estimate], memory_gib: Optional[float]) -> List[Estimate]:
     fits = [e for e in estimates if memory_gib is None or e.memory_gib <= memory_gib]
     # ties (same time): fewer pipeline stages, then less TP, then more memory left
-    return sorted(fits, key=lambda e: (round(e.iteration_ms, 6), e.layout.llm_pp,
-                                       e.layout.llm_tp + e.layout.encoder_tp, e.memory_gib))
+    return sorted(fits, key=lambda e: (round(e.iteration_ms, 6), e.layout.grid.llm_pp,
+                                       e.layout.grid.llm_tp + e.layout.grid.encoder_tp,
+                                       e.memory_gib))
 
 
 def _model(flags: Sequence[str]):
@@ -272,13 +278,13 @@ def plan(flags: Sequence[str], *, nodes: int, gpus_per_node: int, global_batch: 
     machine = Machine(gpus_per_node=gpus_per_node, encoder_tflops=rates["encoder"],
                       llm_tflops=rates["llm"], bytes_per_value=bytes_per_value, **net)
     estimates, refused = [], {}
-    for layout in candidates(world, gpus_per_node, facts, global_batch):
+    for option in candidates(world, gpus_per_node, facts, global_batch):
         try:
-            parse_config(base + layout.flags(), world_size=world)
+            parse_config(base + option.flags(), world_size=world)
         except ValueError as err:
-            refused.setdefault(str(err), layout)
+            refused.setdefault(str(err), option)
             continue
-        estimates.append(estimate(layout, facts=facts, flops_per_sample=per_sample,
+        estimates.append(estimate(option, facts=facts, flops_per_sample=per_sample,
                                   seq_length=seq_length, images_per_sample=images_per_sample,
                                   global_batch=global_batch, machine=machine))
     return rank(estimates, memory_gib), list(refused), rates

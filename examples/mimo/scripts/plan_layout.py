@@ -64,9 +64,9 @@ def main(argv) -> int:
           "| enc ms/mb | LLM ms/mb | sync ms | ms/iter | GiB/GPU |")
     print("| " + " | ".join(["---"] * 12) + " |")
     for i, e in enumerate(ranked[:a.top], 1):
-        L = e.layout
-        print(f"| {i} | {'colocated' if L.colocated else 'hetero'} | {L.encoder_gpus} "
-              f"| {L.encoder_tp}/{L.encoder_dp} | {L.llm_tp}/{L.llm_pp}/{L.llm_dp}/{L.llm_ep} "
+        L, g = e.layout, e.layout.grid
+        print(f"| {i} | {'colocated' if g.colocated else 'hetero'} | {L.encoder_gpus} "
+              f"| {g.encoder_tp}/{g.encoder_dp} | {g.llm_tp}/{g.llm_pp}/{g.llm_dp}/{g.llm_ep} "
               f"| {L.micro_batch} | {L.lanes_per_encoder_rank:g} | {e.encoder_ms:.2f} "
               f"| {e.llm_ms:.2f} | {e.sync_ms:.2f} | {e.iteration_ms:.1f} | {e.memory_gib:.1f} |")
     print("flags of each, in order:")

@@ -42,9 +42,7 @@ def test_each_shape_is_accepted_by_the_trainer_on_its_scripts_nodes(shape, tmp_p
         if job["reference"]:
             assert parse_config(job["reference"], world_size=nodes * per_node).grid.colocated
         if nodes > 1:
-            g = cfg.grid
-            layout = planner.Layout(False, g.encoder_tp, g.encoder_dp, g.llm_tp, g.llm_pp,
-                                    g.llm_dp, g.llm_ep, cfg.batch.micro_batch_size)
+            layout = planner.Layout(cfg.grid, cfg.batch.micro_batch_size)
             provider, model = planner._model(job["flags"])
             est = planner.estimate(
                 layout, facts=provider.facts(model), seq_length=cfg.batch.seq_length,
@@ -108,16 +106,16 @@ def test_planner_balances_the_grids_by_their_flops():
     Colocated has no bubble: 96 x 4/3 s / 8 GPUs = 16 s."""
     T = 1e12
     ranked = _ranked((T / 3, T), 8, 8, 96)
-    hetero = [e for e in ranked if not e.layout.colocated]
+    hetero = [e for e in ranked if not e.layout.grid.colocated]
     top = hetero[0].layout
-    assert (top.encoder_gpus, top.encoder_tp, top.llm_tp, top.llm_dp, top.micro_batch) == \
-        (2, 2, 2, 3, 1)
+    assert (top.encoder_gpus, top.grid.encoder_tp, top.grid.llm_tp, top.grid.llm_dp,
+            top.micro_batch) == (2, 2, 2, 3, 1)
     assert hetero[0].iteration_ms == pytest.approx(16_500)
-    assert min(e.iteration_ms for e in hetero if e.layout.llm_tp == 1 and e.layout.llm_pp == 1
+    assert min(e.iteration_ms for e in hetero if e.layout.grid.llm_tp == 1 and e.layout.grid.llm_pp == 1
                and e.layout.encoder_gpus == 2) == pytest.approx(17_000)
     assert min(e.iteration_ms for e in hetero if e.layout.encoder_gpus == 4) == pytest.approx(24_250)
     assert {e.layout.encoder_gpus for e in hetero} == {2, 4}
-    assert ranked[0].layout.colocated and ranked[0].iteration_ms == pytest.approx(16_000)
+    assert ranked[0].layout.grid.colocated and ranked[0].iteration_ms == pytest.approx(16_000)
 
 
 def test_planner_prefers_colocated_when_the_pipeline_bubble_dominates():
@@ -126,7 +124,7 @@ def test_planner_prefers_colocated_when_the_pipeline_bubble_dominates():
     (no TP all-reduce cost is modelled as free, so ties break towards less TP)."""
     T = 1e12
     top = _ranked((T, T), 8, 8, 32)[0]
-    assert top.layout.colocated and top.layout.encoder_tp == top.layout.llm_tp == 1
+    assert top.layout.grid.colocated and top.layout.grid.encoder_tp == top.layout.grid.llm_tp == 1
     assert top.iteration_ms == pytest.approx(32 * 2 / 8 * 1e3)
 
 

@@ -157,7 +157,7 @@ def test_benchmark_runs_every_layout_and_the_planner_predicts_it(tmp_path):
     ranked, _, _ = plan(["--device", "cpu"], nodes=1, gpus_per_node=2, global_batch=16,
                         seq_length=64, images_per_sample=0.75,  # mock: 1/4 text-only
                         profile=str(tmp_path / "profile.json"))
-    predicted = {("colocated" if e.layout.colocated else "hetero"): e.iteration_ms
-                 for e in ranked if e.layout.micro_batch == 2 and e.layout.llm_tp == 1}
+    predicted = {("colocated" if e.layout.grid.colocated else "hetero"): e.iteration_ms
+                 for e in ranked if e.layout.micro_batch == 2 and e.layout.grid.llm_tp == 1}
     for name in ("hetero", "colocated"):
         assert 0.5 < predicted[name] / measured[name] < 2.0, (name, predicted, measured)
