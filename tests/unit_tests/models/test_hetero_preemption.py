@@ -109,3 +109,36 @@ def test_the_signal_is_left_to_the_ranks_and_ignored_once_training_is_over():
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_signal_to_every_process_of_the_job_saves_and_exits_zero(energon_data, tmp_path):
+    """What SLURM does on `scancel --signal=TERM`, requeue or preemption: SIGTERM to every process
+    of the step at once, here the launcher (torchrun's agent), both ranks and their energon
+    DataLoader workers. The launcher passes it on instead of stopping the ranks, the workers
+    keep serving the iteration being finished, every rank saves, the launcher exits 0."""
+    from tests.unit_tests.models.test_hetero_energon import ENV, energon_args
+
+    ckpt, metrics, out = tmp_path / "ckpt", tmp_path / "m.jsonl", tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "examples.mimo.launch", "--standalone", "--nproc-per-node", "2",
+           "--", "--device", "cpu", "--distributed-timeout-minutes", "1", "--train-iters", "5000",
+           "--global-batch-size", "4", "--save", str(ckpt), "--exit-signal-handler",
+           "--metrics-file", str(metrics), *energon_args(energon_data, "--num-workers", "2")]
+    with open(out, "w") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        try:
+            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+                      180, "3 iterations")
+            workers = [p for rank in (0, 1) for p in subprocess.run(
+                ["pgrep", "-P", str(_rank_pid(job.pid, rank))], capture_output=True,
+                text=True).stdout.split()]
+            assert len(workers) >= 2, "each rank has its DataLoader workers"
+            os.killpg(job.pid, signal.SIGTERM)
+            assert job.wait(timeout=120) == 0, out.read_text()[-3000:]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    text = out.read_text()
+    stopped = int(re.search(r"stopping after iteration (\d+): SIGTERM received", text).group(1))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
+    assert "error" not in text.lower().replace("error_policy", ""), text[-3000:]

@@ -43,7 +43,7 @@ class ExitConditions:
         SIGTERM arriving then (SLURM's ``--signal`` may come up to a minute early, or late)
         would turn a clean exit into death by signal; an ignored one stays ignored."""
         if self.signal_name is not None:
-            signal.signal(getattr(signal, self.signal_name), signal.SIG_IGN)
+            ignore_signal(self.signal_name)
 
     @property
     def enabled(self) -> bool:
@@ -79,13 +79,14 @@ def leave_signal_to_ranks(torchrun_args, signal_name: str) -> None:
     if handled is None:
         raise ValueError("--exit-signal-handler: this torch's torchrun has no --signals-to-handle, "
                          "so it would end the ranks on the signal instead of letting them save")
+    # never empty: torchrun would warn about a signal named ""
     torchrun_args.signals_to_handle = ",".join(
         s for s in (x.strip() for x in handled.split(",")) if s and s != signal_name) or "SIGQUIT"
     signal.signal(getattr(signal, signal_name), _forward_to_children)
 
 
 def ignore_signal(signal_name: str) -> None:
-    """The launcher's counterpart of ExitConditions.finish, once its ranks have exited."""
+    """For the rest of the process (ExitConditions.finish; the launcher once its ranks exited)."""
     signal.signal(getattr(signal, signal_name), signal.SIG_IGN)
 
 
