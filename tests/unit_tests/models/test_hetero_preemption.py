@@ -31,6 +31,24 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def _signal_while_training(cmd, env, *, out, metrics, rows: int, act) -> int:
+    """Start the job; once ``metrics`` has ``rows`` lines, ``act(job)``. The job must exit 0; the
+    iteration it stopped after on SIGTERM is returned."""
+    with open(out, "w") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        try:
+            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= rows,
+                      180, f"{rows} iterations")
+            act(job)
+            assert job.wait(timeout=120) == 0, out.read_text()[-3000:]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    return int(re.search(r"stopping after iteration (\d+): SIGTERM received",
+                         out.read_text()).group(1))
+
+
 def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
     """SIGTERM to one rank (as SLURM's --signal may reach only some): every rank stops after the
     same iteration, saves, and the job exits 0; a second SIGTERM during that save changes nothing;
@@ -45,22 +63,15 @@ def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
            *args, "--metrics-file", str(metrics)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(out, "w") as log:
-        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-        try:
-            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6,
-                      180, "6 iterations")
-            rank1 = _rank_pid(job.pid, 1)
-            os.kill(rank1, signal.SIGTERM)
-            _wait_for(lambda: "stopping after iteration" in out.read_text(), 60, "the stop")
-            os.kill(rank1, signal.SIGTERM)  # while the checkpoint is being written
-            assert job.wait(timeout=120) == 0, out.read_text()[-3000:]
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-    text = out.read_text()
-    stopped = int(re.search(r"stopping after iteration (\d+): SIGTERM received", text).group(1))
+
+    def signal_rank_1_twice(job):
+        rank1 = _rank_pid(job.pid, 1)
+        os.kill(rank1, signal.SIGTERM)
+        _wait_for(lambda: "stopping after iteration" in out.read_text(), 60, "the stop")
+        os.kill(rank1, signal.SIGTERM)  # while the checkpoint is being written
+
+    stopped = _signal_while_training(cmd, env, out=out, metrics=metrics, rows=6,
+                                     act=signal_rank_1_twice)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
     assert (ckpt / "iter_0000004").is_dir()  # the interval save before it is untouched
     rows = read_json_lines(metrics)
@@ -123,22 +134,16 @@ def test_a_signal_to_every_process_of_the_job_saves_and_exits_zero(energon_data,
            "--", "--device", "cpu", "--distributed-timeout-minutes", "1", "--train-iters", "5000",
            "--global-batch-size", "4", "--save", str(ckpt), "--exit-signal-handler",
            "--metrics-file", str(metrics), *energon_args(energon_data, "--num-workers", "2")]
-    with open(out, "w") as log:
-        job = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-        try:
-            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
-                      180, "3 iterations")
-            workers = [p for rank in (0, 1) for p in subprocess.run(
-                ["pgrep", "-P", str(_rank_pid(job.pid, rank))], capture_output=True,
-                text=True).stdout.split()]
-            assert len(workers) >= 2, "each rank has its DataLoader workers"
-            os.killpg(job.pid, signal.SIGTERM)
-            assert job.wait(timeout=120) == 0, out.read_text()[-3000:]
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
+
+    def signal_every_process(job):
+        workers = [p for rank in (0, 1) for p in subprocess.run(
+            ["pgrep", "-P", str(_rank_pid(job.pid, rank))], capture_output=True,
+            text=True).stdout.split()]
+        assert len(workers) >= 2, "each rank has its DataLoader workers"
+        os.killpg(job.pid, signal.SIGTERM)
+
+    stopped = _signal_while_training(cmd, ENV, out=out, metrics=metrics, rows=3,
+                                     act=signal_every_process)
     text = out.read_text()
-    stopped = int(re.search(r"stopping after iteration (\d+): SIGTERM received", text).group(1))
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
     assert "error" not in text.lower().replace("error_policy", ""), text[-3000:]
