@@ -119,9 +119,9 @@ def _ring(nbytes: float, group: int, gbps: float) -> float:
     return 0.0 if group <= 1 else 2 * (group - 1) / group * nbytes / (gbps * 1e9)
 
 
-def estimate(plan_: Layout, *, facts, flops_per_sample: Tuple[float, float], seq_length: int,
+def estimate(option: Layout, *, facts, flops_per_sample: Tuple[float, float], seq_length: int,
              images_per_sample: float, global_batch: int, machine: Machine) -> Estimate:
-    L, g, m = plan_, plan_.grid, machine
+    L, g, m = option, option.grid, machine
     enc_flops, llm_flops = flops_per_sample
     micro = global_batch // (L.micro_batch * g.llm_dp)
     enc_samples = L.micro_batch * g.llm_dp / g.encoder_dp  # per encoder rank and micro-batch
@@ -151,10 +151,10 @@ def estimate(plan_: Layout, *, facts, flops_per_sample: Tuple[float, float], seq
     def gbps(group_gpus: int) -> float:
         return m.intra_node_gbps if group_gpus <= m.gpus_per_node else m.inter_node_gbps
 
-    llm_sync = (_ring(dense * b, g.llm_dp, gbps(g.llm_tp * g.llm_pp * g.llm_dp))
-                + _ring(expert * b, expert_dp, gbps(g.llm_tp * g.llm_dp * g.llm_pp))
+    llm_gbps = gbps(g.llm_size)  # DP groups span the LLM grid's nodes
+    llm_sync = (_ring(dense * b, g.llm_dp, llm_gbps) + _ring(expert * b, expert_dp, llm_gbps)
                 + m.optimizer_s(dense / g.llm_dp + expert / expert_dp))
-    enc_sync = (_ring(enc_params * b, g.encoder_dp, gbps(g.encoder_tp * g.encoder_dp))
+    enc_sync = (_ring(enc_params * b, g.encoder_dp, gbps(g.encoder_size))
                 + m.optimizer_s(enc_params / g.encoder_dp))
     sync = llm_sync + enc_sync if g.colocated else max(llm_sync, enc_sync)
 
@@ -168,7 +168,7 @@ def estimate(plan_: Layout, *, facts, flops_per_sample: Tuple[float, float], seq
     enc_mem = (enc_params * 2 * b + enc_params * 12 / g.encoder_dp
                + 17 * enc_act * facts.encoder_num_layers / g.encoder_tp * enc_flight)
     memory = (llm_mem + enc_mem) if g.colocated else max(llm_mem, enc_mem)
-    return Estimate(plan_, iteration_ms=(schedule + sync) * 1e3, encoder_ms=enc_s * 1e3,
+    return Estimate(option, iteration_ms=(schedule + sync) * 1e3, encoder_ms=enc_s * 1e3,
                     llm_ms=llm_s * 1e3, sync_ms=sync * 1e3, memory_gib=memory / 2 ** 30)
 
 

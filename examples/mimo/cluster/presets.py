@@ -184,7 +184,7 @@ def job(shape_name: str, *, nodes: int, per_node: int, device: str, extra: Seque
             # no checkpoints: the reference is short, and a requeue reruns it from the start
             "reference": (without(flags, "--save-interval") + reference_flags(nodes * per_node)
                           if shape.reference else []),
-            "train_iters": int(iters) if iters else 0, "exit_duration_mins": duration or ""}
+            "train_iters": int(iters) if iters else 0}
 
 
 def scripts() -> Dict[str, Tuple[str, str, str]]:

@@ -58,11 +58,15 @@ if [ -n "${HETERO_DATA_PATH:-}" ]; then data+=(--data-path "$HETERO_DATA_PATH");
 if [ -n "${HETERO_TOKENIZER:-}" ]; then
   data+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HETERO_TOKENIZER")
 fi
-time_left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null || true)
+margin=${HETERO_EXIT_MARGIN_MINS:-10}
+max_restarts=${HETERO_MAX_RESTARTS:-20}
+time_left() {  # squeue's remaining time of this job ([days-][hours:]minutes:seconds, UNLIMITED)
+  squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null || true
+}
 # Defines flags, reference and train_iters; an impossible shape for this allocation is one line.
 assignments=$(cd "$root" && "$py" -m examples.mimo.cluster.presets job "$shape" --nodes "$nodes" \
-  --per-node "$per_node" --device "$device" --time-left "$time_left" \
-  --exit-margin-mins "${HETERO_EXIT_MARGIN_MINS:-10}" -- "${data[@]}" "$@")
+  --per-node "$per_node" --device "$device" --time-left "$(time_left)" \
+  --exit-margin-mins "$margin" -- "${data[@]}" "$@")
 declare -a flags reference
 train_iters=0
 eval "$assignments"
@@ -80,7 +84,8 @@ run_step() {  # run_step NAME FLAGS...: one srun step of the launcher on every n
   # left in the background so that this shell can take the SIGTERM of a scancel or preemption
   # (trap below) and keep waiting while the ranks save.
   srun --ntasks-per-node 1 --kill-on-bad-exit=1 --chdir "$root" --open-mode append \
-    --output "$run_dir/logs/$name-node-%n.log" "${container[@]}" "$py" -m examples.mimo.launch --nnodes "$nodes" --nproc-per-node "$per_node" \
+    --output "$run_dir/logs/$name-node-%n.log" "${container[@]}" \
+    "$py" -m examples.mimo.launch --nnodes "$nodes" --nproc-per-node "$per_node" \
     --rdzv-backend c10d --rdzv-endpoint "$head_node:$port" --rdzv-id "$SLURM_JOB_ID-$name-$restart" \
     -- "$@" &
   local pid=$!
@@ -111,14 +116,13 @@ if [ "$done_iters" -lt "$train_iters" ]; then
   # Stopped early with a checkpoint. Near SLURM's limit (at most the margin left: stopped by
   # --exit-duration-in-mins or the time-limit signal) the job requeues itself; otherwise it was
   # scancel or preemption, and SLURM decides; the job ends here with 0.
-  left=$(cd "$root" && "$py" -m examples.mimo.cluster.presets minutes-left \
-    "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null || true)")
-  if [ -n "$left" ] && awk -v l="$left" -v m="${HETERO_EXIT_MARGIN_MINS:-10}" 'BEGIN { exit !(l <= m) }'; then
-    if [ "$restart" -lt "${HETERO_MAX_RESTARTS:-20}" ]; then
+  left=$(cd "$root" && "$py" -m examples.mimo.cluster.presets minutes-left "$(time_left)")
+  if [ -n "$left" ] && awk -v l="$left" -v m="$margin" 'BEGIN { exit !(l <= m) }'; then
+    if [ "$restart" -lt "$max_restarts" ]; then
       echo "job $SLURM_JOB_ID: stopped before the time limit at iteration $done_iters ($left min left); requeueing"
       scontrol requeue "$SLURM_JOB_ID"
     else
-      echo "job $SLURM_JOB_ID: stopped before the time limit; not requeued (HETERO_MAX_RESTARTS=${HETERO_MAX_RESTARTS:-20} restarts done)"
+      echo "job $SLURM_JOB_ID: stopped before the time limit; not requeued (HETERO_MAX_RESTARTS=$max_restarts restarts done)"
     fi
   fi
   exit 0
