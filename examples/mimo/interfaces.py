@@ -39,6 +39,7 @@ class ModelFacts:
     encoder_hidden_size: int = 0
     encoder_num_layers: int = 0
     encoder_tokens_per_image: int = 0  # the ViT's sequence length per image
+    transformer_impl: str = "local"  # "transformer_engine" when the layers are TE's (kernels.py)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ class ModelProvider(Protocol):
     def data_spec(self, cfg) -> DataSpec: ...
 
     def build(self, cfg, *, topology, dtype: torch.dtype, seq_length: int,
-              device: torch.device) -> torch.nn.Module:
-        """This rank's part of the MimoModel, unwrapped, with frozen parts frozen."""
+              device: torch.device, kernels) -> torch.nn.Module:
+        """This rank's part of the MimoModel, unwrapped, with frozen parts frozen; ``kernels``
+        (kernels.KernelConfig) says which TransformerConfig fields each branch takes."""
 
     def flops(self, cfg, work: StepWork) -> StepFlops:
         """Model FLOPs of an iteration; frozen parts count no weight gradients."""

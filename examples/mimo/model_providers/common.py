@@ -37,10 +37,13 @@ def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
     )
 
 
-def transformer_config(*, tp: int, pp: int, dtype: torch.dtype, **kwargs):
+def transformer_config(*, tp: int, pp: int, dtype: torch.dtype, kernel_fields: Optional[dict] = None,
+                       **kwargs):
+    """``kernel_fields``: the branch's ``KernelConfig.transformer_fields`` (FP8, recompute, fusions)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **kwargs)
+    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **(kernel_fields or {}),
+                             **kwargs)
 
 
 def assemble(*, topology, language_spec: Callable[[object], object],

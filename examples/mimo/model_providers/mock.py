@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,8 @@ class MockViT(torch.nn.Module):
         return x.transpose(0, 1).contiguous()  # [b, patches, h]
 
 
-def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.dtype):
+def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.dtype,
+                 kernel_fields: Optional[dict] = None):
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.models.vision.multimodal_projector import MultimodalProjector
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -170,7 +172,7 @@ def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.d
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     vit_config = common.transformer_config(
-        tp=tp, pp=1, dtype=dtype, num_layers=cfg.encoder_num_layers,
+        tp=tp, pp=1, dtype=dtype, kernel_fields=kernel_fields, num_layers=cfg.encoder_num_layers,
         hidden_size=cfg.encoder_hidden_size, num_attention_heads=cfg.encoder_num_attention_heads)
     projector_config = common.transformer_config(
         tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=cfg.hidden_size,
@@ -189,14 +191,14 @@ def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.d
 
 
 def language_spec(cfg: MockModelConfig, *, pg_collection, tp: int, pp: int, dtype: torch.dtype,
-                  seq_length: int):
+                  seq_length: int, kernel_fields: Optional[dict] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
     config = common.transformer_config(
-        tp=tp, pp=pp, dtype=dtype, num_layers=cfg.num_layers,
+        tp=tp, pp=pp, dtype=dtype, kernel_fields=kernel_fields, num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
     layer = get_gpt_layer_local_spec()
     layer.submodules.self_attention.submodules.core_attention = specs.packed_local_attention()
@@ -213,14 +215,16 @@ def module_config(module) -> object:
 
 
 def build(cfg: MockModelConfig, *, topology, dtype: torch.dtype, seq_length: int,
-          device: torch.device):
+          device: torch.device, kernels):
     """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
     grid = topology.grid_config
+    fields = kernels.transformer_fields(fp8=False)  # local layers: validation let no FP8 through
     model = common.assemble(
         topology=topology, image_token_id=cfg.image_token_id,
         language_spec=lambda pgc: language_spec(cfg, pg_collection=pgc, tp=grid.llm_tp,
-                                                pp=grid.llm_pp, dtype=dtype, seq_length=seq_length),
+                                                pp=grid.llm_pp, dtype=dtype, seq_length=seq_length,
+                                                kernel_fields=fields),
         encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
-                                              dtype=dtype))
+                                              dtype=dtype, kernel_fields=fields))
     common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)
     return model

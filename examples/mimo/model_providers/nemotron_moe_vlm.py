@@ -20,6 +20,7 @@ import torch
 from examples.mimo.interfaces import DataSpec, ModelFacts, StepFlops, StepWork
 from examples.mimo.model_providers import common, specs
 from examples.mimo.model_providers import flops as F
+from examples.mimo.training.hetero.kernels import KernelConfig, use_mamba_mem_eff_path
 
 NAME = "nemotron_moe_vlm"
 VIT_ENCODER = "radio"
@@ -204,7 +205,7 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       llm_hidden_size=a.hidden_size, encoder_hidden_size=a.vision_hidden_size,
                       encoder_num_layers=a.vision_num_layers,
                       encoder_tokens_per_image=(a.img_h // a.patch_dim) * (a.img_w // a.patch_dim)
-                      + a.class_token_len)
+                      + a.class_token_len, transformer_impl=cfg.transformer_impl)
 
 
 def checkpoint_must_match(cfg: NemotronVLMConfig) -> dict:
@@ -298,37 +299,43 @@ def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
 
 
 def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,
-                    dtype: torch.dtype):
+                    dtype: torch.dtype, kernels: KernelConfig = KernelConfig()):
     from megatron.core.activations import squared_relu
 
     a = cfg.arch
+    te = cfg.transformer_impl == "transformer_engine"
     return common.transformer_config(
-        tp=tp, pp=pp, dtype=dtype, num_layers=len(a.hybrid_layer_pattern),
+        tp=tp, pp=pp, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=True),
+        num_layers=len(a.hybrid_layer_pattern),
         hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
         ffn_hidden_size=a.ffn_hidden_size, normalization="RMSNorm", add_bias_linear=False,
         activation_func=squared_relu, gated_linear_unit=False, init_method_std=0.0173,
         mamba_num_heads=a.mamba_num_heads, mamba_head_dim=a.mamba_head_dim,
         mamba_state_dim=a.mamba_state_dim, mamba_num_groups=a.mamba_num_groups,
-        # The memory-efficient path needs the causal-conv1d CUDA extension.
-        use_mamba_mem_eff_path=False,
+        # Mamba's fused path (conv, scan, gate and norm in one autograd function that recomputes
+        # in backward) needs causal-conv1d's CUDA extension; without it the unfused path runs.
+        use_mamba_mem_eff_path=use_mamba_mem_eff_path(kernels),
         num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
         moe_router_topk=a.moe_router_topk, moe_router_score_function="sigmoid",
         moe_router_topk_scaling_factor=2.5, moe_router_enable_expert_bias=True,
         moe_router_dtype="fp32", moe_router_load_balancing_type="seq_aux_loss",
-        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=False,
+        # TE's spec builds the experts as one grouped GEMM (TEGroupedMLP); local ones loop.
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=te,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=expt_tp)
 
 
 def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep: int,
-                  expt_tp: int, dtype: torch.dtype, seq_length: int):
+                  expt_tp: int, dtype: torch.dtype, seq_length: int,
+                  kernels: KernelConfig = KernelConfig()):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
     return ModuleSpec(module=HybridModel, params=dict(
-        config=language_config(cfg, tp=tp, pp=pp, ep=ep, expt_tp=expt_tp, dtype=dtype),
+        config=language_config(cfg, tp=tp, pp=pp, ep=ep, expt_tp=expt_tp, dtype=dtype,
+                               kernels=kernels),
         hybrid_stack_spec=specs.hybrid_stack_spec(cfg.transformer_impl,
                                                   num_experts=cfg.arch.num_experts),
         vocab_size=cfg.arch.vocab_size, max_sequence_length=seq_length,
@@ -337,7 +344,8 @@ def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep
         position_embedding_type="none", pg_collection=pg_collection))
 
 
-def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch.dtype):
+def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch.dtype,
+                 kernels: KernelConfig = KernelConfig()):
     from megatron.core.activations import squared_relu
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -348,7 +356,8 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
 
     a = cfg.arch
     vit_config = common.transformer_config(
-        tp=tp, pp=1, dtype=dtype, num_layers=a.vision_num_layers,
+        tp=tp, pp=1, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=False),
+        num_layers=a.vision_num_layers,
         hidden_size=a.vision_hidden_size, ffn_hidden_size=a.vision_ffn_hidden_size,
         num_attention_heads=a.vision_num_attention_heads, add_bias_linear=True, add_qkv_bias=True,
         activation_func=torch.nn.functional.gelu, gated_linear_unit=False,
@@ -378,7 +387,7 @@ def module_config(module) -> object:
 
 
 def build(cfg: NemotronVLMConfig, *, topology, dtype: torch.dtype, seq_length: int,
-          device: torch.device):
+          device: torch.device, kernels: KernelConfig):
     """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
     # Checked on every rank, so all of them stop with the same error.
     if "M" in cfg.arch.hybrid_layer_pattern:
@@ -394,8 +403,8 @@ def build(cfg: NemotronVLMConfig, *, topology, dtype: torch.dtype, seq_length: i
         topology=topology, image_token_id=cfg.image_token_id,
         language_spec=lambda pgc: language_spec(
             cfg, pg_collection=pgc, tp=grid.llm_tp, pp=grid.llm_pp, ep=grid.llm_ep,
-            expt_tp=grid.llm_expt_tp, dtype=dtype, seq_length=seq_length),
+            expt_tp=grid.llm_expt_tp, dtype=dtype, seq_length=seq_length, kernels=kernels),
         encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
-                                              dtype=dtype))
+                                              dtype=dtype, kernels=kernels))
     common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)
     return model

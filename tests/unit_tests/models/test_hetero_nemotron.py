@@ -8,6 +8,7 @@ import torch
 
 from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
 from examples.mimo.training.hetero.config import parse_config
+from examples.mimo.training.hetero.kernels import KernelConfig
 from tests.unit_tests.models.dist_harness import torchrun, train
 
 BASE = ["--model-provider", "nemotron_moe_vlm", "--train-iters", "1", "--device", "cpu"]
@@ -110,7 +111,7 @@ def test_mamba_layers_are_refused_off_cuda():
     cfg = config("--model-preset", "tiny")
     with pytest.raises(ValueError, match="Mamba layers .* need CUDA"):
         nemotron.build(cfg, topology=None, dtype=torch.float32, seq_length=64,
-                       device=torch.device("cpu"))
+                       device=torch.device("cpu"), kernels=KernelConfig())
 
 
 # ---- built structure, parameter counts, freezing (2 gloo ranks: encoder, LLM) ---------------

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.training.hetero import kernels, profiling
 from examples.mimo.training.hetero.exits import SIGNALS
 
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
@@ -146,6 +147,8 @@ class TrainConfig:
     model: object  # the provider's own frozen config
     data_provider: str
     data: object  # the data provider's own frozen config
+    kernels: kernels.KernelConfig = kernels.KernelConfig()
+    profile: profiling.ProfileConfig = profiling.ProfileConfig()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -266,6 +269,9 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     c.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                    help="On resume, keep the checkpoint's LR/WD schedule, whatever the flags say.")
 
+    kernels.add_args(p)
+    profiling.add_args(p)
+
     pr = p.add_argument_group("providers")
     pr.add_argument("--model-provider", default=model_provider, help=f"One of {sorted(MODEL_PROVIDERS)}.")
     pr.add_argument("--data-provider", default=data_provider, help=f"One of {sorted(DATA_PROVIDERS)}.")
@@ -306,7 +312,9 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
             f"--context-parallel-size {args.context_parallel_size}: only 1 is supported")
     validate_grid(grid, world_size)
     batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
-    validate_model_fit(grid, model_provider.facts(model_cfg))
+    facts = model_provider.facts(model_cfg)
+    validate_model_fit(grid, facts)
+    kernel_cfg = kernels.from_args(args, transformer_impl=facts.transformer_impl)
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
                            equal_images=equal_images_reason(grid), llm_only=grid.llm_only)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
@@ -330,10 +338,11 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError(f"--max-consecutive-skipped-iters {args.max_consecutive_skipped_iters} "
                          f"must be >= 0")
     ckpt = build_checkpoint_config(args)
+    schedule = build_schedule(args, batch.global_batch_size)
     return TrainConfig(
         grid=grid,
         batch=batch,
-        schedule=build_schedule(args, batch.global_batch_size),
+        schedule=schedule,
         optim=OptimConfig(clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                           max_consecutive_skipped_iters=args.max_consecutive_skipped_iters),
@@ -347,6 +356,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         model=model_cfg,
         data_provider=args.data_provider,
         data=data_cfg,
+        kernels=kernel_cfg,
+        profile=profiling.from_args(args, train_iters=schedule.train_iters),
     )
 
 

@@ -17,6 +17,7 @@ from examples.mimo.training.hetero.exits import ExitConditions
 from examples.mimo.training.hetero.grad_sync import GradSync
 from examples.mimo.training.hetero.logger import DataWait, IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
+from examples.mimo.training.hetero.profiling import Profiler
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.state import TrainState
 from examples.mimo.training.hetero.step import configure_schedule, train_step
@@ -127,6 +128,7 @@ def train(rt: Runtime) -> list:
                             loss=result[0], tokens=result[1])
 
     limit = cfg.optim.max_consecutive_skipped_iters
+    profiler = Profiler(cfg.profile, rank=dist.get_rank(), device=rt.device)
     results = []
     saved = state.iteration
     stop = None
@@ -145,9 +147,11 @@ def train(rt: Runtime) -> list:
 
     try:
         while state.iteration < cfg.schedule.train_iters:
+            profiler.before_step(state.iteration)
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
                                 grad_sync=grad_sync, data_iterator=timed_data, timers=timers)
             state.advance(global_batch=cfg.batch.global_batch_size, skipped=result.skipped)
+            profiler.after_step(state.iteration)
             timers.end_iteration()
             times = (branch_times(timers.take(), label=label, device=rt.device,
                                   iterations=log.iterations_since_line)
@@ -171,6 +175,7 @@ def train(rt: Runtime) -> list:
                 break
             if state.iteration < cfg.schedule.train_iters:
                 maybe_evaluate()
+        profiler.close(state.iteration)
         if stop is None:
             maybe_evaluate(force=True)  # as Megatron: once more after the last iteration
         if ck.save and saved != state.iteration:

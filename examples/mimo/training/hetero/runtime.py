@@ -12,7 +12,7 @@ import torch.distributed as dist
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.interfaces import DataProvider, ModelFacts, ModelProvider
 from examples.mimo.model_providers import MODEL_PROVIDERS
-from examples.mimo.training.hetero import compat
+from examples.mimo.training.hetero import compat, kernels
 from examples.mimo.training.hetero.config import TrainConfig
 from examples.mimo.training.hetero.device import init_distributed, resolve_device, seed_all
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
@@ -57,6 +57,7 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.runtime.bf16 and kind != "cuda":
         raise ValueError(f"--bf16 needs CUDA, but --device {cfg.runtime.device} resolved to {kind}")
     dtype = torch.bfloat16 if cfg.runtime.bf16 else torch.float32
+    kernels.check_device(cfg.kernels, torch.cuda.get_device_capability() if kind == "cuda" else None)
     timeout = timedelta(minutes=cfg.runtime.distributed_timeout_minutes)
     device = init_distributed(kind, cfg.runtime.distributed_timeout_minutes)
     compat.apply_startup(backend=dist.get_backend(), timeout=timeout, mamba=facts.uses_mamba)
@@ -67,7 +68,7 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
              etp_rank=own.expt_tp.rank())
     model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length,
-                           device=device)
+                           device=device, kernels=cfg.kernels)
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
     # Megatron's Float16Module does.
     model.to(device=device, dtype=dtype)

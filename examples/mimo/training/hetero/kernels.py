@@ -1,0 +1,181 @@
+"""Compute options that trade kernels, precision and memory, with Megatron's flag names: FP8,
+activation recompute, MoE router/permute fusion, fused cross entropy, Mamba's fused path.
+
+They become TransformerConfig fields of the branches a provider builds (``transformer_fields``);
+which branch takes which is the provider's call (FP8 goes to the language model only: RADIO's
+1034-token images are not the multiple of 16 rows FP8 GEMMs need). Everything is checked here,
+before any process group, except what needs the GPU itself (``check_device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+FP8_FORMATS = ("e4m3", "hybrid")
+# mxfp8 needs Blackwell; "custom" needs a quantizer factory this example has no flag for.
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core's selective-recompute modules that exist in these models (no MLA, no GDN)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+CROSS_ENTROPY_IMPLS = ("native", "te")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    fp8_format: Optional[str] = None  # None: bf16 (or fp32) everywhere
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Tuple[str, ...] = ("core_attn",)
+    moe_router_fusion: bool = False
+    moe_permute_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+    cross_entropy_fusion_impl: str = "native"
+    disable_mamba_mem_eff_path: bool = False
+
+    @property
+    def needs_transformer_engine(self) -> Optional[str]:
+        """The first flag set that only transformer-engine layers can honour, or None."""
+        for flag, on in (("--fp8-format", self.fp8_format is not None),
+                         ("--moe-router-fusion", self.moe_router_fusion),
+                         ("--moe-permute-fusion", self.moe_permute_fusion),
+                         ("--cross-entropy-fusion-impl te",
+                          self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "te"),
+                         ("--recompute-modules moe_act", self.recompute_granularity == "selective"
+                          and "moe_act" in self.recompute_modules)):
+            if on:
+                return flag
+        return None
+
+    def transformer_fields(self, *, fp8: bool) -> dict:
+        """TransformerConfig fields of one branch; ``fp8`` says whether this branch takes FP8."""
+        out = dict(recompute_granularity=self.recompute_granularity,
+                   recompute_method=self.recompute_method,
+                   recompute_num_layers=self.recompute_num_layers,
+                   recompute_modules=list(self.recompute_modules),
+                   moe_router_fusion=self.moe_router_fusion,
+                   moe_permute_fusion=self.moe_permute_fusion,
+                   cross_entropy_loss_fusion=self.cross_entropy_loss_fusion,
+                   cross_entropy_fusion_impl=self.cross_entropy_fusion_impl)
+        if fp8 and self.fp8_format is not None:
+            out.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
+                       fp8_amax_history_len=self.fp8_amax_history_len,
+                       fp8_amax_compute_algo=self.fp8_amax_compute_algo)
+        return out
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("kernels, precision and activation memory")
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
+                   help="FP8 GEMMs in the language model (transformer-engine, Hopper or newer, "
+                        "with --bf16). hybrid: e4m3 forward, e5m2 gradients.")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), default="most_recent")
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                   help="full: recompute whole layers in backward (with --recompute-method and "
+                        "--recompute-num-layers); selective: only --recompute-modules.")
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
+                   help="uniform: checkpoint every --recompute-num-layers layers as one unit; "
+                        "block: recompute the first --recompute-num-layers layers of each stage.")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="Selective recompute's modules (default: core_attn).")
+    g.add_argument("--moe-router-fusion", action="store_true",
+                   help="transformer-engine's fused top-k router and aux-loss scores.")
+    g.add_argument("--moe-permute-fusion", action="store_true",
+                   help="transformer-engine's fused token permute/unpermute for the experts.")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="Fused cross entropy: no fp32 copy of the [tokens, vocabulary] logits.")
+    g.add_argument("--cross-entropy-fusion-impl", choices=CROSS_ENTROPY_IMPLS, default="native")
+    g.add_argument("--disable-mamba-mem-eff-path", action="store_true",
+                   help="Keep Mamba on the unfused path even when causal-conv1d's CUDA extension "
+                        "is installed (by default the fused path is used whenever it is).")
+
+
+def from_args(args: argparse.Namespace, *, transformer_impl: str) -> KernelConfig:
+    k = KernelConfig(
+        fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
+        fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=tuple(args.recompute_modules or ("core_attn",)),
+        moe_router_fusion=args.moe_router_fusion, moe_permute_fusion=args.moe_permute_fusion,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
+        disable_mamba_mem_eff_path=args.disable_mamba_mem_eff_path)
+    validate(k, bf16=args.bf16, device=args.device, transformer_impl=transformer_impl,
+             recompute_modules_given=args.recompute_modules is not None)
+    return k
+
+
+def validate(k: KernelConfig, *, bf16: bool, device: str, transformer_impl: str,
+             recompute_modules_given: bool) -> None:
+    """``transformer_impl``: the model's layers (ModelFacts.transformer_impl)."""
+    if device == "cpu":
+        check_device(k, None)
+    if k.fp8_format is not None:
+        if not bf16:
+            raise ValueError(f"--fp8-format {k.fp8_format} needs --bf16 (FP8 GEMMs keep bf16 "
+                             f"weights and activations around them)")
+        if k.fp8_margin < 0 or k.fp8_amax_history_len < 1:
+            raise ValueError(f"--fp8-margin {k.fp8_margin} must be >= 0 and "
+                             f"--fp8-amax-history-len {k.fp8_amax_history_len} >= 1")
+    g, method, n = k.recompute_granularity, k.recompute_method, k.recompute_num_layers
+    if g == "full" and (method is None or n is None or n < 1):
+        raise ValueError(f"--recompute-granularity full needs --recompute-method "
+                         f"{'|'.join(RECOMPUTE_METHODS)} and --recompute-num-layers >= 1 "
+                         f"(got {method}, {n})")
+    if g != "full" and (method is not None or n is not None):
+        raise ValueError(f"--recompute-method {method} and --recompute-num-layers {n} apply to "
+                         f"--recompute-granularity full only (got {g})")
+    if g != "selective" and recompute_modules_given:
+        raise ValueError(f"--recompute-modules applies to --recompute-granularity selective only "
+                         f"(got {g})")
+    flag = k.needs_transformer_engine
+    if flag is not None and transformer_impl != "transformer_engine":
+        raise ValueError(f"{flag} needs transformer-engine layers; this model's are "
+                         f"{transformer_impl} (see --transformer-impl)")
+
+
+def check_device(k: KernelConfig, capability: Optional[Tuple[int, int]]) -> None:
+    """Before process groups, with the compute capability of the rank's GPU (None: CPU)."""
+    if capability is None:
+        for flag, value in (("--fp8-format", k.fp8_format),
+                            # megatron-core's checkpoint saves the CUDA RNG state
+                            # (tensor_parallel/random.py, _get_all_rng_states)
+                            ("--recompute-granularity", k.recompute_granularity)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} needs CUDA; this run is on the CPU")
+        return
+    if k.fp8_format is not None and capability < (8, 9):
+        raise ValueError(f"--fp8-format {k.fp8_format} needs an FP8 GPU (sm_89 or newer); this "
+                         f"one is sm_{capability[0]}{capability[1]}")
+    if k.fp8_format is not None and k.fp8_recipe == "mxfp8" and capability < (10, 0):
+        raise ValueError(f"--fp8-recipe mxfp8 needs Blackwell (sm_100 or newer); this GPU is "
+                         f"sm_{capability[0]}{capability[1]}")
+
+
+def causal_conv1d_available() -> bool:
+    """causal-conv1d with its CUDA extension (the pure-Python part alone cannot run the path)."""
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return False
+    try:
+        import causal_conv1d_cuda  # noqa: F401  (the compiled extension)
+    except ImportError:
+        return False
+    return True
+
+
+def use_mamba_mem_eff_path(k: KernelConfig) -> bool:
+    return not k.disable_mamba_mem_eff_path and causal_conv1d_available()

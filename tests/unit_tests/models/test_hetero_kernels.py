@@ -1,0 +1,111 @@
+"""Kernel, precision and recompute flags (kernels.py) and the profiler (profiling.py): validation
+in-process, the profiler's counts on a loop of known syncs, and one profiled gloo run. The GPU
+side of both is in test_hetero_gpu_te.py."""
+
+import json
+
+import pytest
+import torch
+
+from examples.mimo.training.hetero import kernels, profiling
+from examples.mimo.training.hetero.config import parse_config
+from tests.unit_tests.models.dist_harness import run_train
+
+NEMOTRON = ["--train-iters", "10", "--model-provider", "nemotron_moe_vlm", "--model-preset", "tiny"]
+
+
+def cfg(*args, device="cuda"):
+    return parse_config([*NEMOTRON, "--device", device, *args], world_size=2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fp8-format", "hybrid"], r"--fp8-format hybrid needs --bf16"),
+    (["--bf16", "--fp8-format", "e4m3", "--transformer-impl", "local"],
+     r"--fp8-format needs transformer-engine layers; this model's are local"),
+    (["--moe-permute-fusion", "--transformer-impl", "local"], r"--moe-permute-fusion needs transformer-engine"),
+    (["--recompute-granularity", "full"], r"--recompute-granularity full needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "block"],
+     r"--recompute-num-layers >= 1 \(got block, None\)"),
+    (["--recompute-method", "uniform", "--recompute-num-layers", "2"],
+     r"apply to --recompute-granularity full only"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "2"],
+     r"apply to --recompute-granularity full only"),
+    (["--recompute-modules", "moe"], r"--recompute-modules applies to --recompute-granularity selective"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj"],
+     r"--recompute-modules: invalid choice: 'mla_up_proj'"),
+    (["--use-pytorch-profiler"], r"--use-pytorch-profiler only chooses the profiler; add --profile"),
+    (["--profile", "--profile-step-start", "8", "--profile-step-end", "12"],
+     r"--profile-step-start 8 and --profile-step-end 12 must satisfy .* --train-iters 10"),
+    (["--profile", "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2"],
+     r"needs --profile-dir or --tensorboard-dir"),
+])
+def test_bad_kernel_and_profile_flags_fail_in_one_line(args, message):
+    with pytest.raises(ValueError, match=message) as e:
+        cfg("--transformer-impl", "local", *args) if "--transformer-impl" not in args else cfg(*args)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+     r"--recompute-granularity full needs CUDA; this run is on the CPU"),
+    (["--profile", "--profile-step-start", "1", "--profile-step-end", "2"],
+     r"marks the range for nsys, which needs CUDA"),
+])
+def test_cuda_only_options_are_refused_on_cpu(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([*NEMOTRON[:4], "--model-preset", "tiny-cpu", "--device", "cpu", *args],
+                     world_size=2)
+
+
+def test_fp8_goes_to_the_branches_that_ask_and_other_fields_to_all():
+    k = kernels.KernelConfig(fp8_format="hybrid", fp8_recipe="tensorwise", recompute_granularity="full",
+                             recompute_method="block", recompute_num_layers=2, moe_permute_fusion=True)
+    llm, vit = k.transformer_fields(fp8=True), k.transformer_fields(fp8=False)
+    assert (llm["fp8"], llm["fp8_recipe"]) == ("hybrid", "tensorwise") and "fp8" not in vit
+    for fields in (llm, vit):
+        assert (fields["recompute_granularity"], fields["recompute_method"],
+                fields["recompute_num_layers"], fields["moe_permute_fusion"]) == ("full", "block", 2, True)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # every field is one megatron-core's TransformerConfig has
+    assert set(llm) <= set(TransformerConfig.__dataclass_fields__)
+
+
+def test_fp8_needs_a_gpu_of_sm89_or_newer():
+    k = kernels.KernelConfig(fp8_format="hybrid")
+    with pytest.raises(ValueError, match="needs an FP8 GPU .* sm_80"):
+        kernels.check_device(k, (8, 0))
+    kernels.check_device(k, (9, 0))
+    with pytest.raises(ValueError, match="mxfp8 needs Blackwell .* sm_90"):
+        kernels.check_device(kernels.KernelConfig(fp8_format="e4m3", fp8_recipe="mxfp8"), (9, 0))
+
+
+def test_profiler_counts_the_syncs_of_the_profiled_iterations_only(tmp_path):
+    cfg = profiling.ProfileConfig(enabled=True, use_pytorch_profiler=True, step_start=2,
+                                  step_end=5, profile_dir=str(tmp_path))
+    prof = profiling.Profiler(cfg, rank=0, device=torch.device("cpu"))
+    x = torch.ones(8)
+    for completed in range(7):
+        prof.before_step(completed)
+        for _ in range(completed + 1):  # iteration i (1-based) reads i scalars
+            x = x + x.sum().item() * 1e-3
+        prof.after_step(completed + 1)
+    prof.close(7)
+    s = json.loads((tmp_path / "summary-rank-0.json").read_text())
+    assert s["iterations_profiled"] == [3, 5] and s["iterations"] == 3
+    assert s["item_calls_per_iteration"] == pytest.approx((3 + 4 + 5) / 3)
+    assert s["kernels_per_iteration"] == 0 and s["gpu_busy_fraction"] is None
+    assert (tmp_path / "rank-0.json.gz").stat().st_size > 0
+
+
+def test_a_profiled_gloo_run_writes_each_chosen_ranks_summary(tmp_path):
+    rows, proc = run_train(2, tmp_path, [
+        "--model-provider", "nemotron_moe_vlm", "--model-preset", "tiny-cpu", "--train-iters", "4",
+        "--global-batch-size", "2", "--seq-length", "32", "--profile", "--use-pytorch-profiler",
+        "--profile-step-start", "1", "--profile-step-end", "3", "--profile-ranks", "0", "1",
+        "--profile-dir", str(tmp_path / "prof")])
+    assert len(rows) == 4
+    for rank in (0, 1):
+        s = json.loads((tmp_path / "prof" / f"summary-rank-{rank}.json").read_text())
+        assert s["iterations_profiled"] == [2, 3] and s["item_calls_per_iteration"] > 0
+        assert f"profile of iterations 2-3 (rank {rank})" in proc.stdout
