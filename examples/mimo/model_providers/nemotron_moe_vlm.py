@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -101,6 +101,13 @@ class NemotronVLMConfig:
     freeze_lm: bool
     freeze_vit: bool
     freeze_projection: bool
+    # Capacity: each expert takes at most capacity_factor x its even share of a micro-batch's
+    # routed tokens. Padded to that capacity, the experts' shapes are fixed and the dispatcher no
+    # longer waits for per-expert counts on the host (one sync per MoE layer and micro-batch);
+    # tokens over capacity are dropped (--moe-token-drop-policy), which changes the model.
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"
 
     @property
     def image_tokens(self) -> int:
@@ -121,6 +128,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vision-projection-type", choices=PROJECTION_TYPES, default="mlp")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-4,
                    help="Weight of the sequence-level load-balancing loss.")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="Drop tokens beyond this multiple of each expert's even share "
+                        "(default: dropless).")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="Pad every expert to its capacity: fixed shapes, no host sync per MoE "
+                        "layer (needs --moe-expert-capacity-factor).")
+    g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs",
+                   help="Which tokens an expert over capacity drops: lowest routing "
+                        "probabilities, or last in the sequence.")
     g.add_argument("--image-token-id", type=int, default=None,
                    help="Placeholder token id of image positions (default: vocabulary size - 1).")
     g.add_argument("--dynamic-resolution", action="store_true",
@@ -148,6 +164,10 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
                          f"{arch.vocab_size})")
     if args.moe_aux_loss_coeff < 0:
         raise ValueError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
+    if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
+        raise ValueError(f"--moe-expert-capacity-factor {args.moe_expert_capacity_factor} must be > 0")
+    if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
+        raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if args.training_stage == "projector-only" and args.freeze_projection:
         raise ValueError("--training-stage projector-only trains only the projector; "
                          "--freeze-projection would leave nothing to train")
@@ -155,7 +175,10 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
     return NemotronVLMConfig(
         preset=args.model_preset, arch=arch, transformer_impl=impl,
         vision_projection_type=args.vision_projection_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, image_token_id=image_token_id,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        moe_token_drop_policy=args.moe_token_drop_policy, image_token_id=image_token_id,
         dynamic_resolution=args.dynamic_resolution, freeze_lm=args.freeze_lm or projector_only,
         freeze_vit=args.freeze_vit or projector_only, freeze_projection=args.freeze_projection)
 
@@ -323,6 +346,9 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
         moe_router_dtype="fp32", moe_router_load_balancing_type="seq_aux_loss",
         # TE's spec builds the experts as one grouped GEMM (TEGroupedMLP); local ones loop.
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=te,
+        moe_expert_capacity_factor=cfg.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=cfg.moe_pad_expert_input_to_capacity,
+        moe_token_drop_policy=cfg.moe_token_drop_policy,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=expt_tp)
 
 

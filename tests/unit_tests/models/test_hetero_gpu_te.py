@@ -200,3 +200,16 @@ def test_profiler_counts_kernels_and_syncs_and_our_data_path_does_not_sync(tmp_p
     # host-to-GPU copies of the micro-batches came from pageable memory: 3 syncs each (H100)
     assert not any("examples/mimo/data/" in site for site in sites), sites
     assert (tmp_path / "rank-0.json.gz").stat().st_size > 0
+
+
+@needs_te
+def test_expert_capacity_padding_removes_the_dispatchers_host_sync(tmp_path):
+    """With every expert padded to its capacity the alltoall dispatcher knows the shapes without
+    asking the GPU: the per-layer, per-micro-batch cudaEventSynchronize of the dropless run goes."""
+    _run([*TINY, "--llm-only", "--llm-dp", "1", "--bf16", "--transformer-impl", "transformer_engine",
+          "--moe-expert-capacity-factor", "2.0", "--moe-pad-expert-input-to-capacity",
+          "--profile", "--use-pytorch-profiler", "--profile-step-start", "3",
+          "--profile-step-end", "5", "--profile-dir", str(tmp_path)], iters=6)
+    s = json.loads((tmp_path / "summary-rank-0.json").read_text())
+    print(json.dumps(s["sync_calls_per_iteration"]))
+    assert s["sync_calls_per_iteration"].get("cudaEventSynchronize", 0) == 0

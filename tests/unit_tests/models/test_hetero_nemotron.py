@@ -86,6 +86,9 @@ def test_training_stage_projector_only_freezes_vit_and_lm():
     (["--image-token-id", "256"], "--image-token-id 256 must be in [0, --vocab-size 256)"),
     (["--image-token-id", "7"], "image token id 7 lies among the mock text ids"),
     (["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff -1.0 must be >= 0"),
+    (["--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor 0.0 must be > 0"),
+    (["--moe-pad-expert-input-to-capacity"],
+     "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
     (["--training-stage", "projector-only", "--freeze-projection"], "nothing to train"),
     (["--transformer-impl", "transformer_engine"], "needs transformer_engine"),
     (["--llm-ep", "2", "--llm-only", "--llm-dp", "2", "--num-experts", "3",
@@ -195,3 +198,18 @@ def test_save_and_resume_continue_the_tiny_cpu_run_exactly(tiny_cpu_run, tmp_pat
     assert first[:3] == second[:3]
     for key in ("lm_loss", "seq_load_balancing_loss", "grad_norm"):
         assert [m[key] for m in second] == [m[key] for m in tiny_cpu_run[:6]]
+
+
+def test_expert_capacity_padding_keeps_the_model_until_tokens_are_dropped(tiny_cpu_run, tmp_path):
+    """Padded to a capacity no expert can exceed (4 experts, top-2: factor 2 is a whole
+    micro-batch per expert), the experts compute what dropless routing does; at a quarter of that
+    the dispatcher drops tokens and the loss moves: the flags reach megatron's dispatcher."""
+    losses = {}
+    for factor in ("2.0", "0.5"):
+        run = train(2, tmp_path, [*TINY_CPU_RUN, "--exit-interval", "2", "--moe-expert-capacity-factor",
+                                  factor, "--moe-pad-expert-input-to-capacity"], name=factor)
+        losses[factor] = [m["lm_loss"] for m in run]
+    dropless = [m["lm_loss"] for m in tiny_cpu_run[:2]]
+    assert losses["2.0"] == pytest.approx(dropless, rel=1e-5)
+    # ten times the tolerance of "equal" above (the tiny MoE's share of the loss is small)
+    assert max(abs(a - b) for a, b in zip(losses["0.5"], dropless)) > 10 * 1e-5 * dropless[0]
