@@ -8,9 +8,10 @@ recompute, fusions. Each variant is one training run; the table holds ratios to 
 Figures are those of iterations warmup+1 .. warmup+measure (the first iterations compile
 kernels). With --profile, two more iterations run under torch's profiler afterwards
 (profiling.py) and the table adds GPU busy time, kernels and host syncs per iteration; the
-measured interval is not profiled. --megatron runs megatron-core's own training loop on the
-same model, batch and data as a further row (scripts/megatron_yardstick.py; Python 3.12 with
-megatron.training).
+measured interval is not profiled. --megatron-yardstick NAME adds megatron-core's own training
+loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, GPU) as a row, and
+prints our ms/iteration over its. Runs on CPU as a smoke test (--device cpu among the flags; no
+yardstick there).
 """
 
 from __future__ import annotations
@@ -53,6 +54,27 @@ def run(name: str, flags: List[str], *, logs: str, iteration: int,
     return row
 
 
+def yardstick(name: str, flags: List[str], ours: dict, *, warmup: int, measure: int,
+              log: str) -> tuple:
+    """megatron.training's row for variant ``name``: the same model FLOPs and tokens per
+    iteration as ours, so its rates scale with the time."""
+    from examples.mimo.scripts.megatron_yardstick import run as megatron_run
+
+    label = f"megatron.training ({name})"
+    if "error" in ours:
+        return label, {"error": f"variant {name} failed"}
+    try:
+        ms = megatron_run(flags, warmup=warmup, measure=measure, log=log)
+    except (RuntimeError, ValueError) as e:
+        return label, {"error": str(e)[-300:], "log": log}
+    scale = ours["interval_iteration_ms"] / ms
+    print(f"{name}: ours / megatron.training = {1 / scale:.3f} in ms/iteration "
+          f"({ours['interval_iteration_ms']:.1f} / {ms:.1f})", flush=True)
+    return label, {"interval_iteration_ms": ms,
+                   "tokens_per_s_per_gpu": ours["tokens_per_s_per_gpu"] * scale,
+                   "tflops_per_gpu": ours["tflops_per_gpu"] and ours["tflops_per_gpu"] * scale}
+
+
 def fmt(value: Optional[float], spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -89,12 +111,17 @@ def main(argv) -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak, for the '%% of peak' column")
+    p.add_argument("--megatron-yardstick", metavar="NAME", default=None,
+                   help="also time megatron.training on variant NAME")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--json-out", default=None, help="every row, as JSON")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
     a = p.parse_args(argv)
     if not a.variant or a.measure < 1 or a.warmup < 0:
         p.error("give at least one --variant; --measure >= 1, --warmup >= 0")
+    names = [spec.partition("=")[0] for spec in a.variant]
+    if a.megatron_yardstick is not None and a.megatron_yardstick not in names:
+        p.error(f"--megatron-yardstick {a.megatron_yardstick} is not one of the variants {names}")
     variants = []
     for spec in a.variant:
         name, sep, flags = spec.partition("=")
@@ -118,6 +145,10 @@ def main(argv) -> int:
         results.append((name, r))
         print(f"{name}: " + (r["error"] if "error" in r
                              else f"{r['interval_iteration_ms']:.1f} ms/iteration"), flush=True)
+    if a.megatron_yardstick is not None:
+        results.append(yardstick(a.megatron_yardstick, common + dict(variants)[a.megatron_yardstick],
+                                 dict(results)[a.megatron_yardstick], warmup=warmup,
+                                 measure=a.measure, log=os.path.join(logs, "megatron.log")))
     print(f"iterations {warmup + 1}-{measured_end} of each run; logs in {logs}")
     if a.json_out:
         with open(a.json_out, "w") as f:
@@ -128,4 +159,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../../..")))
     sys.exit(main(sys.argv[1:]))

@@ -109,3 +109,50 @@ def test_a_profiled_gloo_run_writes_each_chosen_ranks_summary(tmp_path):
         s = json.loads((tmp_path / "prof" / f"summary-rank-{rank}.json").read_text())
         assert s["iterations_profiled"] == [2, 3] and s["item_calls_per_iteration"] > 0
         assert f"profile of iterations 2-3 (rank {rank})" in proc.stdout
+
+
+def test_fastpath_benchmark_runs_variants_side_by_side_with_profiles(tmp_path, capsys):
+    from examples.mimo.scripts.bench_fastpath import main
+
+    code = main(["--warmup", "1", "--measure", "2", "--profile", "--log-dir", str(tmp_path),
+                 "--json-out", str(tmp_path / "rows.json"),
+                 "--variant", "mbs1=--micro-batch-size 1", "--variant", "mbs2=--micro-batch-size 2",
+                 "--", "--device", "cpu", "--model-provider", "nemotron_moe_vlm", "--model-preset",
+                 "tiny-cpu", "--global-batch-size", "4", "--seq-length", "32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    for name in ("mbs1", "mbs2"):
+        assert rows[name]["iteration"] == 4 and rows[name]["profile"]["iterations_profiled"] == [5, 6]
+    assert "| mbs2 |" in out and "iterations 3-4 of each run" in out
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--bf16", "--recompute-granularity", "full", "--recompute-method", "uniform",
+     "--recompute-num-layers", "1", "--moe-expert-capacity-factor", "1.5",
+     "--moe-pad-expert-input-to-capacity", "--cross-entropy-loss-fusion"],
+], ids=["plain", "recompute-capacity-bf16"])
+def test_megatron_yardstick_builds_the_same_language_model_config(extra):
+    """megatron.training parses the yardstick's flags into the TransformerConfig our provider
+    builds: the two loops train the same model (compared field by field)."""
+    from tests.unit_tests.models.test_hetero_energon import worker
+
+    proc = worker("yardstick_worker", "--device", "cuda", "--model-provider", "nemotron_moe_vlm",
+                  "--model-preset", "nemotron-20l", "--num-experts", "16", "--transformer-impl",
+                  "local", "--seq-length", "4096", "--global-batch-size", "8", "--lr", "1e-4",
+                  "--train-iters", "12", *extra)
+    fields = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in fields.items() if v[0] != v[1]} == {}
+    assert fields["num_moe_experts"] == ["16", "16"] and fields["num_layers"] == ["20", "20"]
+
+
+def test_megatron_yardstick_reads_the_median_of_the_measured_iterations():
+    from examples.mimo.scripts.megatron_yardstick import median_ms
+
+    log = "\n".join(f" [2026-11-24 10:00:0{i}] iteration        {i}/       6 | consumed samples: "
+                    f"{8 * i} | elapsed time per iteration (ms): {ms} | throughput per GPU" for i, ms in
+                    enumerate([9000.0, 130.0, 120.0, 125.0, 500.0, 121.0], start=1))
+    assert median_ms(log, 3, 6) == pytest.approx(123.0)
+    with pytest.raises(ValueError, match="needed 3-7"):
+        median_ms(log, 3, 7)

@@ -1,0 +1,196 @@
+"""megatron-core's own training loop (``megatron.training.pretrain``) on the language model of a
+train_hetero configuration: the same hybrid LLM, batch, optimizer and kernel options, Megatron's
+mock GPT data. The yardstick for our LLM-only ms/iteration on the same GPU:
+
+    python examples/mimo/scripts/megatron_yardstick.py --warmup 4 --measure 8 -- TRAIN_HETERO_FLAGS
+
+prints the median ms/iteration of iterations warmup+1 .. warmup+measure (Megatron's line at
+--log-interval 1; its first interval also holds start-up). Needs Python 3.12 (megatron.training),
+transformer-engine for TE specs, one GPU. Differences that remain: Megatron's mixer is the stock
+MambaMixer (ours subclasses it for packed samples only: unpacked batches take the same path);
+its data are MockGPTDataset tokens, ours the mock provider's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from typing import List
+
+ENTRY = "--megatron-entry"
+LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
+
+
+def megatron_flags(cfg, *, train_iters: int) -> List[str]:
+    """megatron.training flags for the language model of ``cfg`` (a nemotron_moe_vlm TrainConfig),
+    read off the TransformerConfig our provider builds for it, so the two cannot drift apart."""
+    if cfg.model_provider != "nemotron_moe_vlm":
+        raise ValueError(f"--model-provider {cfg.model_provider}: the yardstick builds the Nemotron "
+                         f"hybrid LLM only")
+    import torch
+
+    from examples.mimo.model_providers.nemotron_moe_vlm import language_config
+
+    m, b = cfg.model, cfg.batch
+    t = language_config(m, tp=1, pp=1, ep=1, expt_tp=1, kernels=cfg.kernels,
+                        dtype=torch.bfloat16 if cfg.runtime.bf16 else torch.float32)
+    if t.activation_func.__name__ != "squared_relu" or t.gated_linear_unit or t.add_bias_linear:
+        raise ValueError("the yardstick maps the Nemotron MLP (squared ReLU, no GLU, no biases)")
+    flags = [
+        "--hybrid-layer-pattern", m.arch.hybrid_layer_pattern, "--hidden-size", t.hidden_size,
+        "--ffn-hidden-size", t.ffn_hidden_size, "--num-attention-heads", t.num_attention_heads,
+        "--kv-channels", t.kv_channels, "--group-query-attention",
+        "--num-query-groups", t.num_query_groups,
+        "--mamba-num-heads", t.mamba_num_heads, "--mamba-head-dim", t.mamba_head_dim,
+        "--mamba-state-dim", t.mamba_state_dim, "--mamba-num-groups", t.mamba_num_groups,
+        "--num-experts", t.num_moe_experts, "--moe-ffn-hidden-size", t.moe_ffn_hidden_size,
+        "--moe-shared-expert-intermediate-size", t.moe_shared_expert_intermediate_size,
+        "--moe-router-topk", t.moe_router_topk,
+        "--moe-router-score-function", t.moe_router_score_function,
+        "--moe-router-topk-scaling-factor", t.moe_router_topk_scaling_factor,
+        "--moe-router-dtype", t.moe_router_dtype,
+        "--moe-router-load-balancing-type", t.moe_router_load_balancing_type,
+        "--moe-aux-loss-coeff", t.moe_aux_loss_coeff,
+        "--moe-token-dispatcher-type", t.moe_token_dispatcher_type,
+        "--squared-relu", "--normalization", t.normalization, "--disable-bias-linear",
+        "--init-method-std", t.init_method_std, "--position-embedding-type", "none",
+        "--untie-embeddings-and-output-weights", "--attention-dropout", t.attention_dropout,
+        "--hidden-dropout", t.hidden_dropout,
+        "--seq-length", b.seq_length, "--max-position-embeddings", b.seq_length,
+        "--micro-batch-size", b.micro_batch_size, "--global-batch-size", b.global_batch_size,
+        "--train-iters", train_iters, "--lr", cfg.schedule.lr, "--min-lr", cfg.schedule.min_lr,
+        "--lr-decay-style", "constant", "--clip-grad", cfg.optim.clip_grad,
+        "--adam-beta1", cfg.optim.adam_beta1, "--adam-beta2", cfg.optim.adam_beta2,
+        "--adam-eps", cfg.optim.adam_eps, "--use-distributed-optimizer",
+        "--transformer-impl", m.transformer_impl, "--seed", cfg.runtime.seed,
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", m.arch.vocab_size,
+        # Megatron's loader would build a [seq, seq] mask per sample; both stacks attend causally.
+        "--no-create-attention-mask-in-dataloader",
+        # without apex the output layer's fused weight-gradient accumulation raises
+        "--no-gradient-accumulation-fusion",
+        "--eval-iters", 0, "--eval-interval", 10 ** 6, "--log-interval", 1,
+        "--timing-log-level", 0,  # levels 1-2 synchronise around every timed span
+    ]
+    switches = {"--bf16": t.bf16, "--calculate-per-token-loss": t.calculate_per_token_loss,
+                "--moe-router-enable-expert-bias": t.moe_router_enable_expert_bias,
+                "--moe-grouped-gemm": t.moe_grouped_gemm,
+                "--disable-mamba-mem-eff-path": not t.use_mamba_mem_eff_path,
+                "--moe-pad-expert-input-to-capacity": t.moe_pad_expert_input_to_capacity,
+                "--moe-router-fusion": t.moe_router_fusion,
+                "--moe-permute-fusion": t.moe_permute_fusion,
+                "--cross-entropy-loss-fusion": t.cross_entropy_loss_fusion}
+    flags += [flag for flag, on in switches.items() if on]
+    if t.moe_expert_capacity_factor is not None:
+        flags += ["--moe-expert-capacity-factor", t.moe_expert_capacity_factor,
+                  "--moe-token-drop-policy", t.moe_token_drop_policy]
+    if t.fp8 is not None:
+        flags += ["--fp8-format", t.fp8, "--fp8-recipe", t.fp8_recipe, "--fp8-margin", t.fp8_margin,
+                  "--fp8-amax-history-len", t.fp8_amax_history_len,
+                  "--fp8-amax-compute-algo", t.fp8_amax_compute_algo]
+    if t.recompute_granularity is not None:
+        flags += ["--recompute-granularity", t.recompute_granularity]
+        if t.recompute_granularity == "full":
+            flags += ["--recompute-method", t.recompute_method,
+                      "--recompute-num-layers", t.recompute_num_layers]
+        else:
+            flags += ["--recompute-modules", *t.recompute_modules]
+    if t.cross_entropy_loss_fusion:
+        flags += ["--cross-entropy-fusion-impl", t.cross_entropy_fusion_impl]
+    return [str(f) for f in flags]
+
+
+def _pretrain() -> None:
+    """The torchrun entry: sys.argv holds Megatron's flags only (pretrain re-reads them)."""
+    import torch
+    from megatron.core.datasets import utils as dataset_utils
+
+    # initialize_megatron runs `make` in megatron/core/datasets to build its helpers; the wheel
+    # ships them built but no Makefile, so make fails and the run exits.
+    dataset_utils.compile_helpers = lambda: None
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+    from megatron.core.enums import ModelType
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    from megatron.training import get_args, pretrain
+    from megatron.training.argument_utils import hybrid_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    def datasets(num_samples, vp_stage=None):
+        args = get_args()
+        config = GPTDatasetConfig(
+            random_seed=args.seed, sequence_length=args.seq_length, blend=None, split=args.split,
+            tokenizer=build_tokenizer(args), reset_position_ids=False, reset_attention_mask=False,
+            eod_mask_loss=False, create_attention_mask=False, path_to_cache=None,
+            mmap_bin_files=True)
+        return BlendedMegatronDatasetBuilder(MockGPTDataset, num_samples, lambda: True, config).build()
+
+    datasets.is_distributed = True
+
+    def loss_func(loss_mask, per_token_loss):
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+        tokens = mask.sum().to(torch.int)
+        return loss_sum, tokens, {"lm loss": torch.cat([loss_sum.detach().view(1),
+                                                        tokens.detach().float().view(1)])}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens, labels, loss_mask, position_ids = (
+            batch[k].cuda(non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids"))
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+        return output, lambda out: loss_func(loss_mask, out)
+
+    args = parse_and_validate_args()
+    cfg = pretrain_cfg_container_from_args(args, hybrid_config_from_args(args))
+    pretrain(cfg, datasets, ModelType.encoder_or_decoder, forward_step)
+
+
+def median_ms(log_text: str, first: int, last: int) -> float:
+    times = {int(i): float(ms) for i, ms in LINE.findall(log_text)}
+    window = [times[i] for i in range(first, last + 1) if i in times]
+    if len(window) != last - first + 1:
+        raise ValueError(f"megatron logged iterations {sorted(times)[:3]}..{sorted(times)[-3:]}; "
+                         f"needed {first}-{last}")
+    return statistics.median(window)
+
+
+def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str) -> float:
+    """Median ms/iteration of megatron.training on ``train_hetero_flags``' language model."""
+    from examples.mimo.training.hetero.config import parse_config
+
+    cfg = parse_config(["--llm-only", "--llm-dp", "1", *train_hetero_flags], world_size=1)
+    flags = megatron_flags(cfg, train_iters=warmup + measure)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           os.path.abspath(__file__), ENTRY, *flags]
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True).returncode
+    text = open(log, errors="replace").read()
+    if code:
+        raise RuntimeError(f"megatron.training failed (exit {code}): {text.strip()[-400:]}")
+    return median_ms(text, warmup + 1, warmup + measure)
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--measure", type=int, default=8)
+    p.add_argument("--log", default="megatron_yardstick.log")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
+    a = p.parse_args(argv)
+    ms = run([f for f in a.flags if f != "--"], warmup=a.warmup, measure=a.measure, log=a.log)
+    print(f"megatron.training: {ms:.1f} ms/iteration (median of iterations {a.warmup + 1}-"
+          f"{a.warmup + a.measure}); log: {a.log}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == ENTRY:
+        del sys.argv[1]
+        _pretrain()
+    else:
+        sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../../..")))
+        sys.exit(main(sys.argv[1:]))
