@@ -197,6 +197,8 @@ def test_profiler_counts_kernels_and_syncs_and_our_data_path_does_not_sync(tmp_p
     assert s["sync_calls_per_iteration"]["cudaEventSynchronize"] == moe_layers * microbatches
     sites = s["sync_sites_per_iteration"]
     assert any("megatron/core/models/mimo/" in site for site in sites), sites
+    dispatcher = [n for site, n in sites.items() if "transformer/moe/token_dispatcher.py" in site]
+    assert dispatcher == [moe_layers * microbatches], sites
     # host-to-GPU copies of the micro-batches came from pageable memory: 3 syncs each (H100)
     assert not any("examples/mimo/data/" in site for site in sites), sites
     assert (tmp_path / "rank-0.json.gz").stat().st_size > 0

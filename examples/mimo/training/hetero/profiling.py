@@ -6,7 +6,8 @@ with cudaProfilerStart/Stop (for ``nsys profile --capture-range=cudaProfilerApi`
 (a Chrome trace) and ``summary-rank-N.json`` per profiled rank: per iteration the wall time, GPU
 busy time (union of kernel and copy intervals), kernel launches, host syncs (``.item()`` and the
 CUDA runtime's synchronising calls), the largest GPU idle gaps, and on CUDA the source lines
-outside torch that synchronise (torch's sync debug mode warns at each, with the Python stack).
+outside torch that synchronise (torch's sync debug mode warns at each, with the Python stack;
+waits on CUDA events are counted at ``torch.cuda.Event.synchronize``).
 The profiler's own stacks are off: with gloo, torch 2.13 fails to decode the event names they
 produce. Profiled iterations run slower; time the run with the logger, not with the profiler.
 """
@@ -95,6 +96,7 @@ class Profiler:
         self._started: Optional[float] = None
         self._first = 0
         self._warnings = None  # catch_warnings while torch's sync debug mode reports to us
+        self._event_wait = None  # torch.cuda.Event.synchronize, while it is wrapped
         self._sites: collections.Counter = collections.Counter()
 
     def before_step(self, completed: int) -> None:
@@ -136,6 +138,15 @@ class Profiler:
 
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        # The debug mode does not see waits on events (megatron's MoE dispatcher waits on one per
+        # layer and micro-batch): count their callers too, for the profiled iterations only.
+        wait = self._event_wait = torch.cuda.Event.synchronize
+
+        def event_wait(event):
+            self._sites[_call_site(traceback.extract_stack()[:-1])] += 1
+            return wait(event)
+
+        torch.cuda.Event.synchronize = event_wait
 
     def _sync(self) -> None:
         if self.cuda:
@@ -150,6 +161,7 @@ class Profiler:
             return
         sites = collections.Counter()
         if self._warnings is not None:
+            torch.cuda.Event.synchronize = self._event_wait
             torch.cuda.set_sync_debug_mode("default")
             self._warnings.__exit__(None, None, None)
             self._warnings, sites = None, self._sites
