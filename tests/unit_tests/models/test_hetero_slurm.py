@@ -58,6 +58,9 @@ def _start_now_once_pending(cluster, job: int, restarts: int) -> None:
           and cluster.job(job).get("JobState") == "PENDING"
           and cluster.slurmd_log().count(f"[{job}.batch] done with job") >= restarts,
           120, f"job {job} requeued", cluster)
+    # slurmd revokes the old run's credential at whole-second resolution: a run launched in the
+    # same second as the requeue counts as revoked ("Job credential revoked", seen in CI).
+    time.sleep(1.1)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
 
 
