@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import json
 import os
 import time
@@ -95,8 +96,7 @@ class Profiler:
         self._prof = None
         self._started: Optional[float] = None
         self._first = 0
-        self._warnings = None  # catch_warnings while torch's sync debug mode reports to us
-        self._event_wait = None  # torch.cuda.Event.synchronize, while it is wrapped
+        self._watching: Optional[contextlib.ExitStack] = None  # undoes _watch_syncs
         self._sites: collections.Counter = collections.Counter()
 
     def before_step(self, completed: int) -> None:
@@ -126,8 +126,8 @@ class Profiler:
 
     def _watch_syncs(self) -> None:
         self._sites = collections.Counter()
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
+        self._watching = contextlib.ExitStack()
+        self._watching.enter_context(warnings.catch_warnings())  # restores showwarning too
         warnings.simplefilter("always")
         shown = warnings.showwarning
 
@@ -138,15 +138,17 @@ class Profiler:
 
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        self._watching.callback(torch.cuda.set_sync_debug_mode, "default")
         # The debug mode does not see waits on events (megatron's MoE dispatcher waits on one per
         # layer and micro-batch): count their callers too, for the profiled iterations only.
-        wait = self._event_wait = torch.cuda.Event.synchronize
+        wait = torch.cuda.Event.synchronize
 
         def event_wait(event):
             self._sites[_call_site(traceback.extract_stack()[:-1])] += 1
             return wait(event)
 
         torch.cuda.Event.synchronize = event_wait
+        self._watching.callback(setattr, torch.cuda.Event, "synchronize", wait)
 
     def _sync(self) -> None:
         if self.cuda:
@@ -160,11 +162,9 @@ class Profiler:
             torch.cuda.profiler.stop()
             return
         sites = collections.Counter()
-        if self._warnings is not None:
-            torch.cuda.Event.synchronize = self._event_wait
-            torch.cuda.set_sync_debug_mode("default")
-            self._warnings.__exit__(None, None, None)
-            self._warnings, sites = None, self._sites
+        if self._watching is not None:
+            self._watching.close()
+            self._watching, sites = None, self._sites
         self._prof.stop()
         iterations = completed - self._first + 1
         os.makedirs(self.cfg.profile_dir, exist_ok=True)
