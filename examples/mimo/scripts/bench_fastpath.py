@@ -8,9 +8,10 @@ recompute, fusions. Each variant is one training run; the table holds ratios to 
 Figures are those of iterations warmup+1 .. warmup+measure (the first iterations compile
 kernels). With --profile, two more iterations run under torch's profiler afterwards
 (profiling.py) and the table adds GPU busy time, kernels and host syncs per iteration; the
-measured interval is not profiled. --megatron-yardstick NAME adds megatron-core's own training
-loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, GPU) as a row, and
-prints our ms/iteration over its. Runs on CPU as a smoke test (--device cpu among the flags; no
+measured interval is not profiled. --megatron-yardstick NAME runs megatron-core's own training
+loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, GPU) before and after
+our variants, adds both as rows and prints our ms/iteration over their mean; with --profile the
+second one is profiled too, by megatron's own profiler. Runs on CPU as a smoke test (--device cpu among the flags; no
 yardstick there).
 """
 
@@ -44,8 +45,10 @@ def run(name: str, flags: List[str], *, logs: str, iteration: int,
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True).returncode
     if code:
-        tail = open(log, errors="replace").read().strip().splitlines()[-3:]
-        return {"error": f"exit {code}: " + " / ".join(tail)[-300:], "log": log}
+        from examples.mimo.scripts.megatron_yardstick import failure_line
+
+        return {"error": f"exit {code}: {failure_line(open(log, errors='replace').read())}",
+                "log": log}
     rows = [json.loads(line) for line in open(metrics) if line.strip()]
     row = next(r for r in rows if r.get("iteration") == iteration and "interval_iteration_ms" in r)
     if profile_from is not None:
@@ -54,25 +57,48 @@ def run(name: str, flags: List[str], *, logs: str, iteration: int,
     return row
 
 
-def yardstick(name: str, flags: List[str], ours: dict, *, warmup: int, measure: int,
-              log: str) -> tuple:
-    """megatron.training's row for variant ``name``: the same model FLOPs and tokens per
-    iteration as ours, so its rates scale with the time."""
+def yardstick(name: str, flags: List[str], *, warmup: int, measure: int, log: str,
+              profile_dir: Optional[str] = None) -> dict:
+    """megatron.training's ms/iteration on variant ``name``'s model and batch."""
     from examples.mimo.scripts.megatron_yardstick import run as megatron_run
 
-    label = f"megatron.training ({name})"
-    if "error" in ours:
-        return label, {"error": f"variant {name} failed"}
     try:
-        ms = megatron_run(flags, warmup=warmup, measure=measure, log=log)
+        ms = megatron_run(flags, warmup=warmup, measure=measure, log=log,
+                          profile_dir=profile_dir, profiled=PROFILED)
     except (RuntimeError, ValueError) as e:
-        return label, {"error": str(e)[-300:], "log": log}
-    scale = ours["interval_iteration_ms"] / ms
-    print(f"{name}: ours / megatron.training = {1 / scale:.3f} in ms/iteration "
-          f"({ours['interval_iteration_ms']:.1f} / {ms:.1f})", flush=True)
-    return label, {"interval_iteration_ms": ms,
-                   "tokens_per_s_per_gpu": ours["tokens_per_s_per_gpu"] * scale,
-                   "tflops_per_gpu": ours["tflops_per_gpu"] and ours["tflops_per_gpu"] * scale}
+        return {"error": str(e)[-300:], "log": log}
+    print(f"megatron.training ({name}): {ms:.1f} ms/iteration", flush=True)
+    return {"interval_iteration_ms": ms, "log": log}
+
+
+def yardstick_rows(name: str, ours: dict, before: dict, after: dict) -> List[tuple]:
+    """Rows for the two megatron.training runs that bracket ours, with our model FLOPs and
+    tokens per iteration (the same model and batch), so their rates scale with the time."""
+    rows = []
+    for when, r in (("before", before), ("after", after)):
+        label = f"megatron.training ({name}, {when})"
+        if "error" in r or "error" in ours:
+            rows.append((label, r if "error" in r else {"error": f"variant {name} failed"}))
+            continue
+        scale = ours["interval_iteration_ms"] / r["interval_iteration_ms"]
+        rows.append((label, r | {"tokens_per_s_per_gpu": ours["tokens_per_s_per_gpu"] * scale,
+                                 "tflops_per_gpu": ours["tflops_per_gpu"] and
+                                 ours["tflops_per_gpu"] * scale}))
+    if not any("error" in r for _, r in rows):
+        ms = [r["interval_iteration_ms"] for _, r in rows]
+        mean = sum(ms) / 2
+        print(f"{name}: ours / megatron.training = {ours['interval_iteration_ms'] / mean:.3f} in "
+              f"ms/iteration ({ours['interval_iteration_ms']:.1f} / {mean:.1f}, the mean of the "
+              f"runs before and after ours, {ms[0]:.1f} and {ms[1]:.1f})", flush=True)
+    return rows
+
+
+def save(path: Optional[str], common: List[str], variants: List[tuple], results: List[tuple]):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"common": common, "variants": dict(variants),
+                       "rows": {n: r for n, r in results}}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def fmt(value: Optional[float], spec: str = ".1f") -> str:
@@ -137,23 +163,27 @@ def main(argv) -> int:
     logs = a.log_dir or tempfile.mkdtemp(prefix="bench_fastpath_")
     os.makedirs(logs, exist_ok=True)
     results = []
+    if a.megatron_yardstick is not None:  # before ours; again after, to show any drift
+        yard_flags = common + dict(variants)[a.megatron_yardstick]
+        before = yardstick(a.megatron_yardstick, yard_flags, warmup=warmup, measure=a.measure,
+                           log=os.path.join(logs, "megatron-before.log"))
     for name, flags in variants:
         iters = measured_end + (PROFILED if a.profile else 0)
         r = run(name, [*LAYOUT, *common, *flags, "--train-iters", str(iters),
                        "--log-interval", str(a.measure)], logs=logs, iteration=measured_end,
                 profile_from=measured_end if a.profile else None)
         results.append((name, r))
+        save(a.json_out, common, variants, results)  # each row as it comes: a run cut short keeps them
         print(f"{name}: " + (r["error"] if "error" in r
                              else f"{r['interval_iteration_ms']:.1f} ms/iteration"), flush=True)
     if a.megatron_yardstick is not None:
-        results.append(yardstick(a.megatron_yardstick, common + dict(variants)[a.megatron_yardstick],
-                                 dict(results)[a.megatron_yardstick], warmup=warmup,
-                                 measure=a.measure, log=os.path.join(logs, "megatron.log")))
+        after = yardstick(a.megatron_yardstick, yard_flags, warmup=warmup, measure=a.measure,
+                          log=os.path.join(logs, "megatron-after.log"),
+                          profile_dir=os.path.join(logs, "megatron-profile") if a.profile else None)
+        results += yardstick_rows(a.megatron_yardstick, dict(results)[a.megatron_yardstick],
+                                  before, after)
     print(f"iterations {warmup + 1}-{measured_end} of each run; logs in {logs}")
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump({"common": common, "variants": dict(variants),
-                       "rows": {n: r for n, r in results}}, f, indent=1)
+    save(a.json_out, common, variants, results)
     print(table(results, a.peak_tflops))
     return 0 if all("error" not in r for _, r in results) else 1
 

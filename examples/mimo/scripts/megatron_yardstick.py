@@ -4,8 +4,8 @@ mock GPT data. The yardstick for our LLM-only ms/iteration on the same GPU:
 
     python examples/mimo/scripts/megatron_yardstick.py --warmup 4 --measure 8 -- TRAIN_HETERO_FLAGS
 
-prints the median ms/iteration of iterations warmup+1 .. warmup+measure (Megatron's line at
---log-interval 1; its first interval also holds start-up). Needs Python 3.12 (megatron.training),
+prints the mean ms/iteration of iterations warmup+1 .. warmup+measure (Megatron's line at
+--log-interval 1; its first interval also holds start-up), the statistic of our interval rows. Needs Python 3.12 (megatron.training),
 transformer-engine for TE specs, one GPU. Differences that remain: Megatron's mixer is the stock
 MambaMixer (ours subclasses it for packed samples only: unpacked batches take the same path);
 its data are MockGPTDataset tokens, ours the mock provider's.
@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
-from typing import List
+from typing import List, Optional
 
 ENTRY = "--megatron-entry"
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
@@ -82,7 +81,9 @@ def megatron_flags(cfg, *, train_iters: int) -> List[str]:
                 "--moe-pad-expert-input-to-capacity": t.moe_pad_expert_input_to_capacity,
                 "--moe-router-fusion": t.moe_router_fusion,
                 "--moe-permute-fusion": t.moe_permute_fusion,
-                "--cross-entropy-loss-fusion": t.cross_entropy_loss_fusion}
+                "--cross-entropy-loss-fusion": t.cross_entropy_loss_fusion,
+                # megatron's default compiles the residual add (torch.compile); ours adds eagerly
+                "--no-bias-dropout-fusion": not t.bias_dropout_fusion}
     flags += [flag for flag, on in switches.items() if on]
     if t.moe_expert_capacity_factor is not None:
         flags += ["--moe-expert-capacity-factor", t.moe_expert_capacity_factor,
@@ -106,6 +107,11 @@ def megatron_flags(cfg, *, train_iters: int) -> List[str]:
 def _pretrain() -> None:
     """The torchrun entry: sys.argv holds Megatron's flags only (pretrain re-reads them)."""
     import torch
+
+    from examples.mimo.training.hetero.compat import import_mamba_triton_kernels
+
+    # the same workaround our runs apply: without it a pure-Python mamba-ssm reads as missing
+    import_mamba_triton_kernels()
     from megatron.core.datasets import utils as dataset_utils
 
     # initialize_megatron runs `make` in megatron/core/datasets to build its helpers; the wheel
@@ -149,29 +155,56 @@ def _pretrain() -> None:
     pretrain(cfg, datasets, ModelType.encoder_or_decoder, forward_step)
 
 
-def median_ms(log_text: str, first: int, last: int) -> float:
+# a Python exception's last line, as a rank prints it ("[rank0]: " under torchrun's log prefix)
+ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]*\.)?\w*(?:Error|Exception)\b:.*)$", re.M)
+
+
+def failure_line(log_text: str) -> str:
+    """The first exception a failed run raised (the root cause; torchrun's ChildFailedError
+    trailer is not it), or the log's last two lines."""
+    for m in ERROR_LINE.finditer(log_text):
+        if "ChildFailedError" not in m.group(1):
+            return m.group(1).strip()[:300]
+    return " / ".join(log_text.strip().splitlines()[-2:])[-300:]
+
+
+def mean_ms(log_text: str, first: int, last: int) -> float:
     times = {int(i): float(ms) for i, ms in LINE.findall(log_text)}
     window = [times[i] for i in range(first, last + 1) if i in times]
     if len(window) != last - first + 1:
         raise ValueError(f"megatron logged iterations {sorted(times)[:3]}..{sorted(times)[-3:]}; "
                          f"needed {first}-{last}")
-    return statistics.median(window)
+    return sum(window) / len(window)
 
 
-def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str) -> float:
-    """Median ms/iteration of megatron.training on ``train_hetero_flags``' language model."""
+def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
+        profile_dir: Optional[str] = None, profiled: int = 2) -> float:
+    """Mean ms/iteration of megatron.training on ``train_hetero_flags``' language model. With
+    ``profile_dir``, ``profiled`` more iterations run under megatron's own torch profiler and its trace
+    lands in ``profile_dir/torch_profile/rank-0.json.gz`` (the measured ones are not profiled)."""
     from examples.mimo.training.hetero.config import parse_config
 
-    cfg = parse_config(["--llm-only", "--llm-dp", "1", *train_hetero_flags], world_size=1)
-    flags = megatron_flags(cfg, train_iters=warmup + measure)
+    cfg = parse_config(["--llm-only", "--llm-dp", "1", *train_hetero_flags, "--train-iters",
+                        str(warmup + measure)], world_size=1)
+    if cfg.model.transformer_impl != "transformer_engine":
+        # training/models/hybrid.py builds hybrid_stack_spec (TE modules) whatever the impl
+        raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
+                         f"transformer_engine, megatron.training's only hybrid spec")
+    end = warmup + measure
+    flags = megatron_flags(cfg, train_iters=end + (profiled if profile_dir else 0))
+    if profile_dir:
+        # megatron writes the trace to tensorboard_dir/../torch_profile
+        flags += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(end),
+                  "--profile-step-end", str(end + profiled), "--profile-ranks", "0",
+                  "--tensorboard-dir", os.path.join(profile_dir, "tensorboard")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            os.path.abspath(__file__), ENTRY, *flags]
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True).returncode
     text = open(log, errors="replace").read()
     if code:
-        raise RuntimeError(f"megatron.training failed (exit {code}): {text.strip()[-400:]}")
-    return median_ms(text, warmup + 1, warmup + measure)
+        raise RuntimeError(f"megatron.training failed (exit {code}): {failure_line(text)}")
+    return mean_ms(text, warmup + 1, end)
 
 
 def main(argv) -> int:
@@ -182,15 +215,15 @@ def main(argv) -> int:
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
     a = p.parse_args(argv)
     ms = run([f for f in a.flags if f != "--"], warmup=a.warmup, measure=a.measure, log=a.log)
-    print(f"megatron.training: {ms:.1f} ms/iteration (median of iterations {a.warmup + 1}-"
+    print(f"megatron.training: {ms:.1f} ms/iteration (mean of iterations {a.warmup + 1}-"
           f"{a.warmup + a.measure}); log: {a.log}")
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../../..")))
     if len(sys.argv) > 1 and sys.argv[1] == ENTRY:
         del sys.argv[1]
         _pretrain()
     else:
-        sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../../..")))
         sys.exit(main(sys.argv[1:]))

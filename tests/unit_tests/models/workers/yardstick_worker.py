@@ -30,7 +30,7 @@ FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "hidden_dropout", "attention_dropout", "calculate_per_token_loss", "bf16", "params_dtype",
           "recompute_granularity", "recompute_method", "recompute_num_layers", "fp8",
           "moe_router_fusion", "moe_permute_fusion", "cross_entropy_loss_fusion",
-          "use_mamba_mem_eff_path")
+          "use_mamba_mem_eff_path", "bias_dropout_fusion")
 
 
 def main(argv):
