@@ -9,10 +9,10 @@ Figures are those of iterations warmup+1 .. warmup+measure (the first iterations
 kernels). With --profile, two more iterations run under torch's profiler afterwards
 (profiling.py) and the table adds GPU busy time, kernels and host syncs per iteration; the
 measured interval is not profiled. --megatron-yardstick NAME runs megatron-core's own training
-loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, GPU) before and after
-our variants, adds both as rows and prints our ms/iteration over their mean; with --profile the
-second one is profiled too, by megatron's own profiler. Runs on CPU as a smoke test (--device cpu among the flags; no
-yardstick there).
+loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, TE, GPU) before and
+after our variants, adds both as rows and prints our ms/iteration over their mean; with --profile
+the second one is profiled too, by megatron's own profiler (compare_traces.py sets the two traces
+side by side). Runs on CPU as a smoke test (--device cpu among the flags; no yardstick there).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ mock GPT data. The yardstick for our LLM-only ms/iteration on the same GPU:
     python examples/mimo/scripts/megatron_yardstick.py --warmup 4 --measure 8 -- TRAIN_HETERO_FLAGS
 
 prints the mean ms/iteration of iterations warmup+1 .. warmup+measure (Megatron's line at
---log-interval 1; its first interval also holds start-up), the statistic of our interval rows. Needs Python 3.12 (megatron.training),
-transformer-engine for TE specs, one GPU. Differences that remain: Megatron's mixer is the stock
+--log-interval 1; its first interval also holds start-up), the statistic of our interval rows.
+Needs Python 3.12 (megatron.training), transformer-engine (its only hybrid specs), one GPU. Differences that remain: Megatron's mixer is the stock
 MambaMixer (ours subclasses it for packed samples only: unpacked batches take the same path);
 its data are MockGPTDataset tokens, ours the mock provider's.
 """
@@ -180,17 +180,17 @@ def mean_ms(log_text: str, first: int, last: int) -> float:
 def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
         profile_dir: Optional[str] = None, profiled: int = 2) -> float:
     """Mean ms/iteration of megatron.training on ``train_hetero_flags``' language model. With
-    ``profile_dir``, ``profiled`` more iterations run under megatron's own torch profiler and its trace
-    lands in ``profile_dir/torch_profile/rank-0.json.gz`` (the measured ones are not profiled)."""
+    ``profile_dir``, ``profiled`` more iterations run under megatron's own torch profiler, which
+    writes ``profile_dir/torch_profile/rank-0.json.gz`` (the measured ones are not profiled)."""
     from examples.mimo.training.hetero.config import parse_config
 
+    end = warmup + measure
     cfg = parse_config(["--llm-only", "--llm-dp", "1", *train_hetero_flags, "--train-iters",
-                        str(warmup + measure)], world_size=1)
+                        str(end)], world_size=1)
     if cfg.model.transformer_impl != "transformer_engine":
         # training/models/hybrid.py builds hybrid_stack_spec (TE modules) whatever the impl
         raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
                          f"transformer_engine, megatron.training's only hybrid spec")
-    end = warmup + measure
     flags = megatron_flags(cfg, train_iters=end + (profiled if profile_dir else 0))
     if profile_dir:
         # megatron writes the trace to tensorboard_dir/../torch_profile
