@@ -76,6 +76,8 @@ def main(argv) -> int:
     p.add_argument("--iterations", type=int, default=2, help="iterations each trace holds")
     p.add_argument("--top", type=int, default=30)
     a = p.parse_args(argv)
+    if a.iterations < 1 or a.top < 1:
+        p.error(f"--iterations {a.iterations} and --top {a.top} must be >= 1")
     print(compare(load(a.trace_a), load(a.trace_b), iterations=a.iterations, top=a.top))
     return 0
 

@@ -221,3 +221,11 @@ def test_compare_traces_counts_gpu_busy_time_and_host_time_per_operator(tmp_path
     assert "| kernels | 3.0 | 1.0 | 3.000 |" in out and "| aten::mm | 3.0 | 1.0 | 1 | 1 |" in out
     assert gpu_summary(a, 1)["gpu_busy_ms"] == pytest.approx(0.040)  # the union, 40 of 50 us
     assert gpu_summary(b, 1)["gpu_busy_ms"] == pytest.approx(0.020)
+
+
+def test_compare_traces_refuses_a_non_positive_iteration_count(capsys):
+    from examples.mimo.scripts.compare_traces import main
+
+    with pytest.raises(SystemExit):
+        main(["a.json", "b.json", "--iterations", "0"])
+    assert "--iterations 0 and --top 30 must be >= 1" in capsys.readouterr().err
