@@ -29,6 +29,7 @@ class ModelFacts:
     encoder_num_heads: int
     num_experts: int  # 0 for a dense LLM
     llm_moe_layers: int  # layers whose MLP is a MoE; 0 for a dense LLM
+    moe_activation: str = ""  # the routed experts' activation, e.g. "squared_relu" ("": no MoE)
     moe_aux_losses: Tuple[str, ...] = ()  # names megatron's MoE metrics tracker records them by
     uses_mamba: bool = False  # needs mamba-ssm's Triton kernels (see compat.import_mamba_triton_kernels)
     encoder_params: int = 0  # parameters of the encoder branch (ViT + projector), all ranks together

@@ -221,6 +221,7 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       encoder_num_heads=a.vision_num_attention_heads,
                       num_experts=a.num_experts if moe_layers else 0, llm_moe_layers=moe_layers,
                       moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else (),
+                      moe_activation="squared_relu" if moe_layers else "",
                       uses_mamba="M" in a.hybrid_layer_pattern,
                       encoder_params=vit + projection, llm_params=language_params(a),
                       llm_expert_params=moe_layers * a.num_experts * 2 * a.hidden_size

@@ -82,6 +82,8 @@ def megatron_flags(cfg, *, train_iters: int) -> List[str]:
                 "--moe-router-fusion": t.moe_router_fusion,
                 "--moe-permute-fusion": t.moe_permute_fusion,
                 "--cross-entropy-loss-fusion": t.cross_entropy_loss_fusion,
+                "--use-transformer-engine-op-fuser": t.use_transformer_engine_op_fuser,
+                "--use-fused-weighted-squared-relu": t.use_fused_weighted_squared_relu,
                 # megatron's default compiles the residual add (torch.compile); ours adds eagerly
                 "--no-bias-dropout-fusion": not t.bias_dropout_fusion}
     flags += [flag for flag, on in switches.items() if on]

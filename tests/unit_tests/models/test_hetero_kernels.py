@@ -3,6 +3,7 @@ in-process, the profiler's counts on a loop of known syncs, and one profiled glo
 side of both is in test_hetero_gpu_te.py."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ def cfg(*args, device="cuda"):
     (["--bf16", "--fp8-format", "e4m3", "--transformer-impl", "local"],
      r"--fp8-format needs transformer-engine layers; this model's are local"),
     (["--moe-permute-fusion", "--transformer-impl", "local"], r"--moe-permute-fusion needs transformer-engine"),
+    (["--use-transformer-engine-op-fuser"], r"--use-transformer-engine-op-fuser needs transformer-engine"),
+    (["--use-fused-weighted-squared-relu"], r"--use-fused-weighted-squared-relu needs transformer-engine"),
     (["--recompute-granularity", "full"], r"--recompute-granularity full needs --recompute-method"),
     (["--recompute-granularity", "full", "--recompute-method", "block"],
      r"--recompute-num-layers >= 1 \(got block, None\)"),
@@ -69,6 +72,35 @@ def test_fp8_goes_to_the_branches_that_ask_and_other_fields_to_all():
 
     # every field is one megatron-core's TransformerConfig has
     assert set(llm) <= set(TransformerConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("fused_relu,moe_activation,expert_tp,message", [
+    (False, "squared_relu", 1, r"needs --use-fused-weighted-squared-relu"),
+    (True, "", 1, r"squared-ReLU routed experts only; this model's routed experts: none"),
+    (True, "swiglu", 1, r"this model's routed experts: swiglu"),
+    (True, "squared_relu", 2, r"needs --llm-expt-tp 1 \(got 2\)"),
+])
+def test_the_op_fuser_is_refused_where_megatron_core_would_assert(fused_relu, moe_activation,
+                                                                   expert_tp, message):
+    k = kernels.KernelConfig(use_transformer_engine_op_fuser=True,
+                             use_fused_weighted_squared_relu=fused_relu)
+    check = dict(bf16=True, device="cuda", transformer_impl="transformer_engine",
+                 recompute_modules_given=False)
+    with pytest.raises(ValueError, match=message):
+        kernels.validate(k, **check, moe_activation=moe_activation, expert_tp=expert_tp)
+    kernels.validate(replace(k, use_fused_weighted_squared_relu=True), **check,
+                     moe_activation="squared_relu", expert_tp=1)
+
+
+def test_the_op_fuser_reaches_the_language_models_config_from_the_flags(monkeypatch):
+    """The provider says its experts' activation; the flags pass validation and become fields."""
+    from examples.mimo.model_providers import specs
+
+    monkeypatch.setattr(specs, "check_transformer_impl", lambda impl: None)  # no TE on the CPU
+    c = cfg("--use-transformer-engine-op-fuser", "--use-fused-weighted-squared-relu",
+            "--transformer-impl", "transformer_engine")
+    fields = c.kernels.transformer_fields(fp8=True)
+    assert fields["use_transformer_engine_op_fuser"] and fields["use_fused_weighted_squared_relu"]
 
 
 def test_fp8_needs_a_gpu_of_sm89_or_newer():
@@ -132,7 +164,9 @@ def test_fastpath_benchmark_runs_variants_side_by_side_with_profiles(tmp_path, c
     ["--bf16", "--recompute-granularity", "full", "--recompute-method", "uniform",
      "--recompute-num-layers", "1", "--moe-expert-capacity-factor", "1.5",
      "--moe-pad-expert-input-to-capacity", "--cross-entropy-loss-fusion"],
-], ids=["plain", "recompute-capacity-bf16"])
+    ["--bf16", "--transformer-impl", "transformer_engine", "--use-transformer-engine-op-fuser",
+     "--use-fused-weighted-squared-relu"],
+], ids=["plain", "recompute-capacity-bf16", "op-fuser"])
 def test_megatron_yardstick_builds_the_same_language_model_config(extra):
     """megatron.training parses the yardstick's flags into the TransformerConfig our provider
     builds: the two loops train the same model (compared field by field)."""

@@ -314,7 +314,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
     facts = model_provider.facts(model_cfg)
     validate_model_fit(grid, facts)
-    kernel_cfg = kernels.from_args(args, transformer_impl=facts.transformer_impl)
+    kernel_cfg = kernels.from_args(args, transformer_impl=facts.transformer_impl,
+                                   moe_activation=facts.moe_activation, expert_tp=grid.llm_expt_tp)
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
                            equal_images=equal_images_reason(grid), llm_only=grid.llm_only)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,

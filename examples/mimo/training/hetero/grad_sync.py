@@ -30,6 +30,17 @@ class GradStats:
     found_nonfinite: bool  # on any rank: every rank skips the optimizer step together
 
 
+def any_nonfinite(tensors) -> torch.Tensor:
+    """A 0-dim bool on the tensors' device, without a host sync: does any element hold NaN or
+    +-inf. min and max propagate NaN and reach +-inf, so one aminmax per tensor decides it with
+    no full-size temporary; torch.isfinite(x).all() materialises |x| (4 bytes per parameter:
+    24.3 GiB asked for on the 54-layer shape with 16 experts, an out-of-memory on the H200)."""
+    ends = [torch.stack(torch.aminmax(t.view(-1))).float() for t in tensors if t.numel()]
+    if not ends:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.cat(ends)).all()
+
+
 class GradSync:
     def __init__(self, *, branches: Dict[str, torch.nn.Module], topology: Topology,
                  device: torch.device):
@@ -52,10 +63,9 @@ class GradSync:
         """After the schedule: one world all-reduce of (tokens, non-finite flag), then every
         branch's gradients are divided by the global token count. ``local_tokens`` is what this
         rank's loss function counted (None off the last LLM stage)."""
-        nonfinite = any(not bool(torch.isfinite(buf.grad_data).all())
-                        for ddp in self.branches.values()
-                        for buf in ddp.buffers + ddp.expert_parallel_buffers)
-        stats = torch.tensor([0.0, float(nonfinite)], dtype=torch.float64, device=self.device)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        stats[1] = any_nonfinite(buf.grad_data for ddp in self.branches.values()
+                                 for buf in ddp.buffers + ddp.expert_parallel_buffers)
         if self._reports_tokens and local_tokens is not None:
             stats[0] = local_tokens
         dist.all_reduce(stats)  # one host sync per step, for the skip decision and the divisor

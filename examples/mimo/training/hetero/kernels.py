@@ -1,5 +1,6 @@
 """Compute options that trade kernels, precision and memory, with Megatron's flag names: FP8,
-activation recompute, MoE router/permute fusion, fused cross entropy, Mamba's fused path.
+activation recompute, MoE router/permute fusion, the experts through TE's op fuser, fused cross
+entropy, Mamba's fused path.
 
 They become TransformerConfig fields of the branches a provider builds (``transformer_fields``);
 which branch takes which is the provider's call (FP8 goes to the language model only: RADIO's
@@ -40,6 +41,8 @@ class KernelConfig:
     cross_entropy_loss_fusion: bool = False
     cross_entropy_fusion_impl: str = "native"
     disable_mamba_mem_eff_path: bool = False
+    use_transformer_engine_op_fuser: bool = False
+    use_fused_weighted_squared_relu: bool = False
 
     @property
     def needs_transformer_engine(self) -> Optional[str]:
@@ -47,6 +50,8 @@ class KernelConfig:
         for flag, on in (("--fp8-format", self.fp8_format is not None),
                          ("--moe-router-fusion", self.moe_router_fusion),
                          ("--moe-permute-fusion", self.moe_permute_fusion),
+                         ("--use-transformer-engine-op-fuser", self.use_transformer_engine_op_fuser),
+                         ("--use-fused-weighted-squared-relu", self.use_fused_weighted_squared_relu),
                          ("--cross-entropy-fusion-impl te",
                           self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "te"),
                          ("--recompute-modules moe_act", self.recompute_granularity == "selective"
@@ -64,7 +69,9 @@ class KernelConfig:
                    moe_router_fusion=self.moe_router_fusion,
                    moe_permute_fusion=self.moe_permute_fusion,
                    cross_entropy_loss_fusion=self.cross_entropy_loss_fusion,
-                   cross_entropy_fusion_impl=self.cross_entropy_fusion_impl)
+                   cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
+                   use_transformer_engine_op_fuser=self.use_transformer_engine_op_fuser,
+                   use_fused_weighted_squared_relu=self.use_fused_weighted_squared_relu)
         if fp8 and self.fp8_format is not None:
             out.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
                        fp8_amax_history_len=self.fp8_amax_history_len,
@@ -94,6 +101,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="transformer-engine's fused top-k router and aux-loss scores.")
     g.add_argument("--moe-permute-fusion", action="store_true",
                    help="transformer-engine's fused token permute/unpermute for the experts.")
+    g.add_argument("--use-transformer-engine-op-fuser", action="store_true",
+                   help="Routed experts as one TE op sequence (FC1, scaled activation, FC2): on "
+                        "Hopper in bf16 one grouped GEMM per FC with the token counts left on the "
+                        "GPU, instead of a GEMM per expert.")
+    g.add_argument("--use-fused-weighted-squared-relu", action="store_true",
+                   help="The experts' squared ReLU and router-probability weighting in one kernel; "
+                        "the op fuser needs it for squared-ReLU experts.")
     g.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="Fused cross entropy: no fp32 copy of the [tokens, vocabulary] logits.")
     g.add_argument("--cross-entropy-fusion-impl", choices=CROSS_ENTROPY_IMPLS, default="native")
@@ -102,7 +116,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "is installed (by default the fused path is used whenever it is).")
 
 
-def from_args(args: argparse.Namespace, *, transformer_impl: str) -> KernelConfig:
+def from_args(args: argparse.Namespace, *, transformer_impl: str, moe_activation: str = "",
+              expert_tp: int = 1) -> KernelConfig:
     k = KernelConfig(
         fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
         fp8_amax_history_len=args.fp8_amax_history_len,
@@ -113,15 +128,19 @@ def from_args(args: argparse.Namespace, *, transformer_impl: str) -> KernelConfi
         moe_router_fusion=args.moe_router_fusion, moe_permute_fusion=args.moe_permute_fusion,
         cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
-        disable_mamba_mem_eff_path=args.disable_mamba_mem_eff_path)
+        disable_mamba_mem_eff_path=args.disable_mamba_mem_eff_path,
+        use_transformer_engine_op_fuser=args.use_transformer_engine_op_fuser,
+        use_fused_weighted_squared_relu=args.use_fused_weighted_squared_relu)
     validate(k, bf16=args.bf16, device=args.device, transformer_impl=transformer_impl,
-             recompute_modules_given=args.recompute_modules is not None)
+             recompute_modules_given=args.recompute_modules is not None,
+             moe_activation=moe_activation, expert_tp=expert_tp)
     return k
 
 
 def validate(k: KernelConfig, *, bf16: bool, device: str, transformer_impl: str,
-             recompute_modules_given: bool) -> None:
-    """``transformer_impl``: the model's layers (ModelFacts.transformer_impl)."""
+             recompute_modules_given: bool, moe_activation: str = "", expert_tp: int = 1) -> None:
+    """``transformer_impl`` and ``moe_activation``: the model's (ModelFacts); ``expert_tp``: the
+    LLM's expert tensor-parallel size."""
     if device == "cpu":
         check_device(k, None)
     if k.fp8_format is not None:
@@ -146,6 +165,23 @@ def validate(k: KernelConfig, *, bf16: bool, device: str, transformer_impl: str,
     if flag is not None and transformer_impl != "transformer_engine":
         raise ValueError(f"{flag} needs transformer-engine layers; this model's are "
                          f"{transformer_impl} (see --transformer-impl)")
+    if k.use_transformer_engine_op_fuser:
+        _check_op_fuser(k, moe_activation, expert_tp)
+
+
+def _check_op_fuser(k: KernelConfig, moe_activation: str, expert_tp: int) -> None:
+    """What megatron-core's TEGroupedMLP asserts when it builds the layer
+    (experts.py, _is_fused_impl_supported), said before any process group exists."""
+    # megatron-core also fuses SwiGLU experts, but only with TE's CuTe DSL kernels (Blackwell)
+    if moe_activation != "squared_relu":
+        raise ValueError(f"--use-transformer-engine-op-fuser fuses squared-ReLU routed experts "
+                         f"only; this model's routed experts: {moe_activation or 'none'}")
+    if not k.use_fused_weighted_squared_relu:
+        raise ValueError("--use-transformer-engine-op-fuser needs --use-fused-weighted-squared-relu "
+                         "for this model's squared-ReLU experts")
+    if expert_tp > 1:
+        raise ValueError(f"--use-transformer-engine-op-fuser needs --llm-expt-tp 1 (got "
+                         f"{expert_tp}): the fused experts have no tensor parallelism")
 
 
 def check_device(k: KernelConfig, capability: Optional[Tuple[int, int]]) -> None:

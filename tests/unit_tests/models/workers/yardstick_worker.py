@@ -15,7 +15,7 @@ import torch
 
 typing.override = getattr(typing, "override", lambda f: f)
 
-from examples.mimo.model_providers import nemotron_moe_vlm  # noqa: E402
+from examples.mimo.model_providers import nemotron_moe_vlm, specs  # noqa: E402
 from examples.mimo.scripts.megatron_yardstick import megatron_flags  # noqa: E402
 from examples.mimo.training.hetero.config import parse_config  # noqa: E402
 
@@ -30,10 +30,15 @@ FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "hidden_dropout", "attention_dropout", "calculate_per_token_loss", "bf16", "params_dtype",
           "recompute_granularity", "recompute_method", "recompute_num_layers", "fp8",
           "moe_router_fusion", "moe_permute_fusion", "cross_entropy_loss_fusion",
-          "use_mamba_mem_eff_path", "bias_dropout_fusion")
+          "use_mamba_mem_eff_path", "bias_dropout_fusion", "use_transformer_engine_op_fuser",
+          "use_fused_weighted_squared_relu")
 
 
 def main(argv):
+    # configs only, no layers: TE-only fields are compared where TE and the GPU are not (the CPU);
+    # megatron's parser asks the GPU's capability for --moe-grouped-gemm: that of an H100/H200
+    specs.check_transformer_impl = lambda impl: None
+    torch.cuda.get_device_capability = lambda *_: (9, 0)
     cfg = parse_config(["--llm-only", "--llm-dp", "1", *argv], world_size=1)
     dtype = torch.bfloat16 if cfg.runtime.bf16 else torch.float32
     ours = nemotron_moe_vlm.language_config(cfg.model, tp=1, pp=1, ep=1, expt_tp=1, dtype=dtype,
