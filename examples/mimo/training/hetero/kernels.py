@@ -102,9 +102,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-permute-fusion", action="store_true",
                    help="transformer-engine's fused token permute/unpermute for the experts.")
     g.add_argument("--use-transformer-engine-op-fuser", action="store_true",
-                   help="Routed experts as one TE op sequence (FC1, scaled activation, FC2): on "
-                        "Hopper in bf16 one grouped GEMM per FC with the token counts left on the "
-                        "GPU, instead of a GEMM per expert.")
+                   help="Routed experts as one TE op sequence (FC1, scaled activation, FC2). "
+                        "On Hopper in bf16 with cuBLASLt >= 13.4, one grouped GEMM per FC over "
+                        "token counts left on the GPU; with an older cuBLASLt, TE's GEMM per expert.")
     g.add_argument("--use-fused-weighted-squared-relu", action="store_true",
                    help="The experts' squared ReLU and router-probability weighting in one kernel; "
                         "the op fuser needs it for squared-ReLU experts.")
