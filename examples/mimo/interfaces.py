@@ -41,6 +41,7 @@ class ModelFacts:
     encoder_num_layers: int = 0
     encoder_tokens_per_image: int = 0  # the ViT's sequence length per image
     transformer_impl: str = "local"  # "transformer_engine" when the layers are TE's (kernels.py)
+    sequence_parallel: bool = False  # the language model can split its sequence over TP
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,16 @@ class Layout:
         return (["--colocated"] if g.colocated else []) + [
             "--encoder-tp", str(g.encoder_tp), "--encoder-dp", str(g.encoder_dp),
             "--llm-tp", str(g.llm_tp), "--llm-pp", str(g.llm_pp), "--llm-dp", str(g.llm_dp),
-            "--llm-ep", str(g.llm_ep), "--micro-batch-size", str(self.micro_batch)]
+            "--llm-ep", str(g.llm_ep), "--micro-batch-size", str(self.micro_batch)] + (
+            ["--sequence-parallel"] if g.sequence_parallel else [])
 
 
 def layout(*, colocated: bool, encoder_tp: int, encoder_dp: int, llm_tp: int, llm_pp: int,
-           llm_dp: int, llm_ep: int, micro_batch: int) -> Layout:
+           llm_dp: int, llm_ep: int, micro_batch: int, sequence_parallel: bool = False) -> Layout:
     return Layout(GridConfig(encoder_tp=encoder_tp, encoder_dp=encoder_dp, llm_tp=llm_tp,
                              llm_pp=llm_pp, llm_dp=llm_dp, llm_ep=llm_ep, llm_expt_tp=llm_tp,
-                             llm_only=False, colocated=colocated), micro_batch)
+                             llm_only=False, colocated=colocated,
+                             sequence_parallel=sequence_parallel), micro_batch)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def candidates(world: int, gpus_per_node: int, facts, global_batch: int) -> Iter
                                 continue
                             yield layout(colocated=colocated, encoder_tp=enc_tp,
                                          encoder_dp=enc // enc_tp, llm_tp=tp, llm_pp=pp,
-                                         llm_dp=dp, llm_ep=ep, micro_batch=mbs)
+                                         llm_dp=dp, llm_ep=ep, micro_batch=mbs,
+                                         # what megatron-core asks of experts under TP
+                                         sequence_parallel=tp > 1 and facts.sequence_parallel)
 
 
 def _ring(nbytes: float, group: int, gbps: float) -> float:

@@ -47,7 +47,7 @@ _MOCK_SCHEDULE = ("--lr", "2e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "3",
 # HETERO_DATA_PATH (an energon dataset or blend) and HETERO_TOKENIZER are read by sbatch_job.sh.
 _NEMOTRON = ("--model-provider", "nemotron_moe_vlm", "--model-preset", "nemotron-54l",
              "--transformer-impl", "transformer_engine", "--bf16", "--data-provider", "energon",
-             "--num-workers", "2")
+             "--num-workers", "2", "--sequence-parallel")  # every shape below has LLM TP 2
 _NEMOTRON_SCHEDULE = ("--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", "200",
                       "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2000",
                       "--lr-wsd-decay-style", "minus_sqrt", "--weight-decay", "0.05",

@@ -58,7 +58,8 @@ def assemble(*, topology, language_spec: Callable[[object], object],
     from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
     from megatron.core.models.mimo.model.base import MimoModel
 
-    lm = language_spec(topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY))
+    llm_pgc = topology.module_pgc(MIMO_LANGUAGE_MODULE_KEY)
+    lm = language_spec(llm_pgc)
     if topology.grid_config.colocated:
         lm = _seeded_anew(lm, torch.initial_seed())
     modalities, special = {}, {}
@@ -67,7 +68,10 @@ def assemble(*, topology, language_spec: Callable[[object], object],
         special[ENCODER_MODULE] = image_token_id
     return MimoModel(MimoModelConfig(language_model_spec=lm, modality_submodules_spec=modalities,
                                      special_token_ids=special,
-                                     module_to_grid_map=topology.grid_map))
+                                     module_to_grid_map=topology.grid_map),
+                     # with --sequence-parallel MimoModel splits the sequence over this group;
+                     # without it, megatron-core falls back to parallel_state's, which we never set
+                     tp_group=llm_pgc.tp if llm_pgc is not None else None)
 
 
 def freeze(model, *, lm: bool, vit: bool, projection: bool) -> None:

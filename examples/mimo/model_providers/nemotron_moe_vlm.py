@@ -229,7 +229,8 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       llm_hidden_size=a.hidden_size, encoder_hidden_size=a.vision_hidden_size,
                       encoder_num_layers=a.vision_num_layers,
                       encoder_tokens_per_image=(a.img_h // a.patch_dim) * (a.img_w // a.patch_dim)
-                      + a.class_token_len, transformer_impl=cfg.transformer_impl)
+                      + a.class_token_len, transformer_impl=cfg.transformer_impl,
+                      sequence_parallel=True)
 
 
 def checkpoint_must_match(cfg: NemotronVLMConfig) -> dict:
@@ -323,7 +324,8 @@ def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
 
 
 def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,
-                    dtype: torch.dtype, kernels: KernelConfig = KernelConfig()):
+                    dtype: torch.dtype, kernels: KernelConfig = KernelConfig(),
+                    sequence_parallel: bool = False):
     from megatron.core.activations import squared_relu
 
     a = cfg.arch
@@ -350,25 +352,28 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
         moe_expert_capacity_factor=cfg.moe_expert_capacity_factor,
         moe_pad_expert_input_to_capacity=cfg.moe_pad_expert_input_to_capacity,
         moe_token_drop_policy=cfg.moe_token_drop_policy,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=expt_tp)
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=expt_tp,
+        sequence_parallel=sequence_parallel)
 
 
 def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep: int,
                   expt_tp: int, dtype: torch.dtype, seq_length: int,
-                  kernels: KernelConfig = KernelConfig()):
+                  kernels: KernelConfig = KernelConfig(), sequence_parallel: bool = False):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     pp_rank = pg_collection.pp.rank() if pg_collection is not None else 0
     return ModuleSpec(module=HybridModel, params=dict(
         config=language_config(cfg, tp=tp, pp=pp, ep=ep, expt_tp=expt_tp, dtype=dtype,
-                               kernels=kernels),
+                               kernels=kernels, sequence_parallel=sequence_parallel),
         hybrid_stack_spec=specs.hybrid_stack_spec(cfg.transformer_impl,
                                                   num_experts=cfg.arch.num_experts),
         vocab_size=cfg.arch.vocab_size, max_sequence_length=seq_length,
         hybrid_layer_pattern=cfg.arch.hybrid_layer_pattern, pre_process=pp_rank == 0,
         post_process=pp_rank == pp - 1, share_embeddings_and_output_weights=False,
-        position_embedding_type="none", pg_collection=pg_collection))
+        position_embedding_type="none", pg_collection=pg_collection,
+        # MimoModel splits the combined text and image embeddings over the sequence itself
+        scatter_embedding_sequence_parallel=False))
 
 
 def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch.dtype,
@@ -430,7 +435,8 @@ def build(cfg: NemotronVLMConfig, *, topology, dtype: torch.dtype, seq_length: i
         topology=topology, image_token_id=cfg.image_token_id,
         language_spec=lambda pgc: language_spec(
             cfg, pg_collection=pgc, tp=grid.llm_tp, pp=grid.llm_pp, ep=grid.llm_ep,
-            expt_tp=grid.llm_expt_tp, dtype=dtype, seq_length=seq_length, kernels=kernels),
+            expt_tp=grid.llm_expt_tp, dtype=dtype, seq_length=seq_length, kernels=kernels,
+            sequence_parallel=grid.sequence_parallel),
         encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
                                               dtype=dtype, kernels=kernels))
     common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)

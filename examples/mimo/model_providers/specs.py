@@ -131,7 +131,6 @@ def _local_hybrid_stack_spec(num_experts: int):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import (
         MoETransformerLayer,
         TransformerLayer,
@@ -139,13 +138,14 @@ def _local_hybrid_stack_spec(num_experts: int):
     )
 
     # TE fuses each pre-norm into the following linear; locally the norm is its own module.
+    norm = compat.sequence_parallel_torch_norm()
     mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
-        norm=WrappedTorchNorm,
+        norm=norm,
         mixer=ModuleSpec(module=compat.packed_mamba_mixer(), submodules=MambaMixerSubmodules(
             in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
         mamba_bda=get_bias_dropout_add))
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-        input_layernorm=WrappedTorchNorm,
+        input_layernorm=norm,
         self_attention=ModuleSpec(
             module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
@@ -153,12 +153,12 @@ def _local_hybrid_stack_spec(num_experts: int):
                                                linear_proj=RowParallelLinear)),
         self_attn_bda=get_bias_dropout_add))
     moe = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=WrappedTorchNorm,
+        pre_mlp_layernorm=norm,
         mlp=get_moe_module_spec(use_te=False, num_experts=max(num_experts, 1),
                                 moe_grouped_gemm=False),
         mlp_bda=get_bias_dropout_add))
     dense = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=WrappedTorchNorm,
+        pre_mlp_layernorm=norm,
         mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                             linear_fc2=RowParallelLinear)),
         mlp_bda=get_bias_dropout_add))

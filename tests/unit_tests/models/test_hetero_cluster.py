@@ -144,6 +144,8 @@ def test_every_printed_layout_is_accepted_by_the_trainer(capsys):
     # hand-checked: the LLM has ~2.6x the encoder's FLOPs per sample on 8x the GPUs, so the
     # encoder gets the smallest whole-node share, one node, and its lanes fan out
     assert lines[0].startswith("--encoder-tp 1 --encoder-dp 8 ")
+    # experts under LLM TP 2: the planner adds the sequence parallelism megatron-core requires
+    assert "--llm-tp 2" in lines[0] and lines[0].endswith(" --sequence-parallel")
     assert re.search(r"^\| 1 \| hetero \| 8 \| 1/8 \|", out, re.M)
 
 

@@ -18,6 +18,7 @@ fails without it (the training path it exists for):
     checkpoint_writer_errors           test_hetero_failures::test_a_full_disk_is_named_and_...
     reduce_moe_metrics                 test_hetero_nemotron::test_tiny_cpu_preset_trains_in_the_hetero_loop
     local_hybrid_stack                 test_hetero_nemotron (every build of the local hybrid LLM)
+    sequence_parallel_torch_norm       test_hetero_nemotron::test_sequence_parallel_tp2_matches_tp1
     import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
     packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
     signal_proof_checkpoint_writer     test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
@@ -41,7 +42,7 @@ PROBED = ["global_memory_buffer", "bridge_groups", "colocated_bridge_groups",
           "refuse_pickled_checkpoint_objects",
           "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
           "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors",
-          "signal_proof_checkpoint_writer"]
+          "signal_proof_checkpoint_writer", "sequence_parallel_torch_norm"]
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,12 @@ def test_training_stage_projector_only_freezes_vit_and_lm():
     (["--llm-ep", "2", "--llm-only", "--llm-dp", "2", "--num-experts", "3",
       "--moe-router-topk", "2"], "--llm-ep 2 must divide the LLM's 3 experts"),
     (["--llm-tp", "4", "--llm-only"], "--llm-tp 4 must divide the LLM's 2 query groups"),
+    # Found on CPU/gloo (issue 16): megatron-core's TransformerConfig raised after the groups.
+    (["--llm-tp", "2", "--llm-only", "--llm-dp", "2"],
+     "--llm-tp 2 with experts needs --sequence-parallel"),
+    (["--sequence-parallel"], "--sequence-parallel needs --llm-tp > 1"),
+    (["--sequence-parallel", "--llm-tp", "2", "--llm-only", "--llm-dp", "2", "--seq-length", "33"],
+     "--seq-length 33 must be divisible by --llm-tp 2 with --sequence-parallel"),
     (["--seq-length", "5"], "--seq-length 5 must be >= image tokens 4 + 2"),
     (["--mock-text-vocab", "1"], "--mock-text-vocab 1 must be >= 2"),
     (["--mock-text-vocab", "255"], "--mock-text-vocab 255 must be <= vocabulary size 256 - 2"),
@@ -198,6 +204,31 @@ def test_save_and_resume_continue_the_tiny_cpu_run_exactly(tiny_cpu_run, tmp_pat
     assert first[:3] == second[:3]
     for key in ("lm_loss", "seq_load_balancing_loss", "grad_norm"):
         assert [m[key] for m in second] == [m[key] for m in tiny_cpu_run[:6]]
+
+
+def test_sequence_parallel_tp2_matches_tp1(tiny_cpu_run, tmp_path):
+    """TP 2 with MoE needs sequence parallelism (megatron-core refuses it otherwise): the LLM
+    branch on two TP ranks, its combined embeddings scattered over the sequence by MimoModel,
+    repeats the one-rank run's losses and gradient norms up to summation order."""
+    run = train(3, tmp_path, [*TINY_CPU_RUN, "--exit-interval", "4", "--llm-tp", "2",
+                              "--sequence-parallel"])
+    for key in ("lm_loss", "grad_norm"):
+        assert [m[key] for m in run] == pytest.approx([m[key] for m in tiny_cpu_run[:4]], rel=1e-4)
+
+
+def test_expert_parallel_trains_and_resumes_exactly(tmp_path):
+    """EP 2 over two LLM DP ranks (found failing on CPU/gloo: the alltoall dispatcher handed gloo
+    its split sizes as tensors). Each EP rank draws its own experts, so the model is not EP 1's;
+    the run saved at 2 and resumed to 4 repeats the straight run bit for bit."""
+    ep = [*TINY_CPU_RUN, "--llm-dp", "2", "--llm-ep", "2"]
+    straight = train(3, tmp_path, [*ep, "--exit-interval", "4"], name="straight")
+    ckpt = str(tmp_path / "ckpt")
+    train(3, tmp_path, [*ep, "--save", ckpt, "--exit-interval", "2"], name="resumed")
+    resumed = train(3, tmp_path, [*ep, "--load", ckpt, "--exit-interval", "4"], name="resumed")
+    assert [m["iteration"] for m in resumed] == [1, 2, 3, 4]
+    assert straight[3]["lm_loss"] < straight[0]["lm_loss"]
+    for key in ("lm_loss", "seq_load_balancing_loss", "grad_norm"):
+        assert [m[key] for m in resumed] == [m[key] for m in straight]
 
 
 def test_expert_capacity_padding_keeps_the_model_until_tokens_are_dropped(tiny_cpu_run, tmp_path):

@@ -312,20 +312,41 @@ def match_saved_param_groups(optimizer_state, *, lr: float, min_lr: float) -> No
 
 
 @functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def sequence_parallel_torch_norm():
+    """``WrappedTorchNorm`` (transformer/torch_norm.py) asserts ``not config.sequence_parallel``,
+    so local layers cannot run --sequence-parallel (TE's norms and apex's can). A torch norm is
+    exact on a sequence shard; its parameters only need ``sequence_parallel = True`` so that
+    ``finalize_model_grads`` all-reduces their gradients over the TP group, as for TE's."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class SequenceParallelTorchNorm:
+        def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+            if not config.sequence_parallel:
+                return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+            _mark("sequence_parallel_torch_norm")
+            norm = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[
+                config.normalization](normalized_shape=hidden_size, eps=eps)
+            for param in norm.parameters():
+                param.sequence_parallel = True
+            return norm
+
+    return SequenceParallelTorchNorm
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
 def local_hybrid_stack():
     """``HybridStack.__init__`` (models/hybrid/hybrid_block.py) builds its final norm with
     ``TENorm`` whatever the spec says, so the hybrid model cannot be built without
     transformer-engine. This subclass builds it as a torch norm (the local specs' choice)."""
     from megatron.core.models.hybrid.hybrid_block import HybridStack
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     class LocalHybridStack(HybridStack):
         def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
             super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
             self.post_layer_norm = post_layer_norm
             if self.post_process and post_layer_norm:
-                self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
-                                                   eps=config.layernorm_epsilon)
+                self.final_norm = sequence_parallel_torch_norm()(
+                    config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
 
     _mark("local_hybrid_stack")
     return LocalHybridStack

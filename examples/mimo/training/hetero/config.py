@@ -32,6 +32,7 @@ class GridConfig:
     llm_expt_tp: int
     llm_only: bool
     colocated: bool = False  # both modules on every rank, each with its own TP/DP; no bridge
+    sequence_parallel: bool = False  # the LLM's TP regions split the sequence (LLM branch only)
 
     @property
     def encoder_size(self) -> int:
@@ -179,6 +180,10 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
                    help="Both modules on every rank (megatron-core's COLOCATED MimoModel), each "
                         "with its own TP/DP; --encoder-tp x --encoder-dp = --llm-tp x --llm-dp = "
                         "world size. The baseline a hetero layout is measured against.")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Split the LLM's sequence over its --llm-tp ranks outside the TP matmuls "
+                        "(MimoModel scatters the combined text and image embeddings); megatron-core "
+                        "needs it for experts with --llm-tp > 1. The encoder's layers are not split.")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Must be 1 (not supported).")
 
     b = p.add_argument_group("batch")
@@ -305,7 +310,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         encoder_tp=args.encoder_tp, encoder_dp=args.encoder_dp, llm_tp=args.llm_tp,
         llm_pp=args.llm_pp, llm_dp=args.llm_dp, llm_ep=args.llm_ep,
         llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp,
-        llm_only=args.llm_only, colocated=args.colocated,
+        llm_only=args.llm_only, colocated=args.colocated, sequence_parallel=args.sequence_parallel,
     )
     if args.context_parallel_size != 1:
         raise ValueError(
@@ -314,6 +319,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
     facts = model_provider.facts(model_cfg)
     validate_model_fit(grid, facts)
+    validate_sequence_parallel(grid, facts, batch.seq_length)
     kernel_cfg = kernels.from_args(args, transformer_impl=facts.transformer_impl,
                                    moe_activation=facts.moe_activation, expert_tp=grid.llm_expt_tp)
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
@@ -378,6 +384,12 @@ def validate_grid(grid: GridConfig, world_size: int) -> None:
         raise ValueError(
             f"world size {world_size} != encoder ranks {encoder} + LLM ranks --llm-tp {grid.llm_tp} "
             f"x --llm-pp {grid.llm_pp} x --llm-dp {grid.llm_dp} = {grid.llm_size}")
+    if not (grid.llm_only or grid.colocated) and (grid.encoder_dp % grid.llm_dp
+                                                  and grid.llm_dp % grid.encoder_dp):
+        # megatron-core's BridgeCommunicator.build_comm_map pairs the encoder's DP ranks with the
+        # LLM's first-stage DP ranks by fan-in or fan-out, and raises after the groups exist.
+        raise ValueError(f"--encoder-dp {grid.encoder_dp} and --llm-dp {grid.llm_dp}: one must be "
+                         f"a multiple of the other (the bridge fans out or in)")
     expert_span = grid.llm_ep * grid.llm_expt_tp
     if (grid.llm_tp * grid.llm_dp) % expert_span:
         raise ValueError(
@@ -445,6 +457,22 @@ def validate_model_fit(grid: GridConfig, facts: ModelFacts) -> None:
     if facts.num_experts and facts.num_experts % grid.llm_ep:
         raise ValueError(
             f"--llm-ep {grid.llm_ep} must divide the LLM's {facts.num_experts} experts")
+
+
+def validate_sequence_parallel(grid: GridConfig, facts: ModelFacts, seq_length: int) -> None:
+    if grid.sequence_parallel:
+        if not facts.sequence_parallel:
+            raise ValueError("--sequence-parallel: this --model-provider's language model cannot "
+                             "split its sequence")
+        if grid.llm_tp == 1:
+            raise ValueError("--sequence-parallel needs --llm-tp > 1 (it splits the sequence over "
+                             "the LLM's TP ranks), not --llm-tp 1")
+        if seq_length % grid.llm_tp:
+            raise ValueError(f"--seq-length {seq_length} must be divisible by --llm-tp "
+                             f"{grid.llm_tp} with --sequence-parallel")
+    elif facts.num_experts and grid.llm_tp > 1:
+        # megatron-core's TransformerConfig refuses it, after the process groups exist
+        raise ValueError(f"--llm-tp {grid.llm_tp} with experts needs --sequence-parallel")
 
 
 def build_schedule(args: argparse.Namespace, global_batch: int) -> ScheduleConfig:

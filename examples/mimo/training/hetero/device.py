@@ -123,6 +123,20 @@ def enable_cpu_emulation() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
+    # The alltoall MoE dispatcher's host copy of its split sizes: maybe_move_tensor_to_cpu turns
+    # only CUDA tensors into numpy, and gloo's all_to_all_single refuses the CPU tensors it leaves
+    # (a TypeError once --llm-ep > 1). The dispatcher's module alone names it.
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    move = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def split_sizes_on_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = split_sizes_on_host
+
 
 class _NullStream:
     def wait_event(self, event) -> None:

@@ -326,6 +326,25 @@ def main(out_path: str, work: str):
         stack = compat.local_hybrid_stack()(config, submodules, **kwargs)
         return {"symptom": symptom, "fixed": type(stack.final_norm) is torch.nn.RMSNorm}
 
+    @probe("sequence_parallel_torch_norm")
+    def _():
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
+
+        ncfg = parse_config(["--model-provider", "nemotron_moe_vlm", "--train-iters", "1",
+                             "--device", "cpu"], world_size=2).model
+        config = nemotron.language_config(ncfg, tp=2, pp=1, ep=1, expt_tp=1,
+                                          dtype=torch.float32, sequence_parallel=True)
+        try:
+            WrappedTorchNorm(config, 8)
+            symptom = False
+        except AssertionError as err:
+            symptom = "sequence parallel not supported" in str(err)
+        norm = compat.sequence_parallel_torch_norm()(config, 8)
+        return {"symptom": symptom, "fixed": type(norm) is torch.nn.RMSNorm
+                and all(p.sequence_parallel for p in norm.parameters())}
+
     @probe("packed_mamba_mixer")
     def _():
         """Only the canary runs here: the fix needs the Triton scan (test_hetero_gpu_packing)."""
