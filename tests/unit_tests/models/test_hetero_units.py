@@ -151,17 +151,17 @@ print(compat.active(), dcp.MCoreLoadPlanner.load_bytes.__module__,
 
 
 def test_dry_run_prints_the_layout(capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "5")
+    monkeypatch.setenv("WORLD_SIZE", "6")
     monkeypatch.setattr(train_hetero, "quiet_library_warnings", lambda show: None)
-    train_hetero.main(["--dry-run", "--train-iters", "3", "--encoder-dp", "2", "--llm-dp", "3",
-                       "--global-batch-size", "12", "--mock-text-only-fraction", "0"])
+    train_hetero.main(["--dry-run", "--train-iters", "3", "--encoder-dp", "2", "--llm-dp", "4",
+                       "--global-batch-size", "16", "--mock-text-only-fraction", "0"])
     out = capsys.readouterr().out
     facts = MODEL_PROVIDERS["mock"].facts(parse_config(["--train-iters", "3"], world_size=2).model)
-    assert "world size 5" in out
+    assert "world size 6" in out
     assert "encoder grid: ranks 0-1, tp 1 x dp 2" in out
-    assert "LLM grid: ranks 2-4, tp 1 x pp 1 x dp 3" in out
-    assert "global 12 = micro-batch 2 x 3 lanes (LLM DP) x 2 micro-batches" in out
-    assert "3 samples per micro-batch: 3/2 lane(s), fan-out" in out
+    assert "LLM grid: ranks 2-5, tp 1 x pp 1 x dp 4" in out
+    assert "global 16 = micro-batch 2 x 4 lanes (LLM DP) x 2 micro-batches" in out
+    assert "4 samples per micro-batch: 2 lane(s), fan-out" in out
     assert f"parameters: encoder {facts.encoder_params:,} (ViT + projector), LLM " \
            f"{facts.llm_params:,}" in out
 
