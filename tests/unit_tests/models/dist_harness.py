@@ -22,13 +22,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The agent's rendezvous store could not bind its port: no rank has started, so a relaunch on
+# another port is safe. free_port() cannot reserve the port it returns, and with pytest-xdist
+# another worker's job can take it first.
+_PORT_TAKEN = "EADDRINUSE"
+_LAUNCH_ATTEMPTS = 3
+
+
 def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     """torchrun ``-m module args`` from the repo root, with a hard timeout; the ranks are forked
     from an agent that has imported megatron-core (fork_run.py)."""
-    cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for _ in range(_LAUNCH_ATTEMPTS):
+        cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--nproc-per-node",
+               str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", module, *args]
+        proc = _launch(cmd, env, timeout)
+        if not (proc.returncode != 0 and "next_rendezvous" in proc.stderr
+                and _PORT_TAKEN in proc.stderr):
+            break
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def _launch(cmd: List[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     # Output goes to files and the job runs in its own session: a process left behind by a killed
     # rank (e.g. a checkpoint writer) can neither hold a pipe open nor outlive the test.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -48,9 +68,6 @@ def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     proc.elapsed = elapsed
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
     return proc
 
 

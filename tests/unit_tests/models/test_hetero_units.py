@@ -217,3 +217,23 @@ def test_the_nonfinite_check_finds_nan_and_inf_without_a_gradient_sized_temporar
             poisoned = [b.clone() for b in buffers]
             poisoned[i][-1] = bad
             assert bool(any_nonfinite(poisoned)), (bad, i)
+
+
+def test_the_test_launcher_retries_a_rendezvous_port_taken_after_it_was_chosen(monkeypatch):
+    """Seen in a clean-clone CI run: free_port() returned a free port, another process (the other
+    pytest worker's job) bound it before torchrun's agent did, and test_projector_only_checkpoint
+    failed with EADDRINUSE at the rendezvous, before any rank ran."""
+    import socket
+
+    from tests.unit_tests.models import dist_harness
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        chosen = iter([port])
+        real = dist_harness.free_port
+        monkeypatch.setattr(dist_harness, "free_port", lambda: next(chosen, None) or real())
+        proc = dist_harness.torchrun(1, "platform", [], timeout=120)
+    assert proc.returncode == 0
+    assert proc.args[proc.args.index("--master-port") + 1] != str(port)
