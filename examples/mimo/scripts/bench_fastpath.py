@@ -11,17 +11,21 @@ kernels). With --profile, two more iterations run under torch's profiler afterwa
 measured interval is not profiled. --megatron-yardstick NAME runs megatron-core's own training
 loop on variant NAME's model and batch (megatron_yardstick.py; Python 3.12, TE, GPU) before and
 after our variants, adds both as rows and prints our ms/iteration over their mean (and says when
-the two differ by more than the 2 % the ratio is judged by: the host drifted); with --profile
-the second one is profiled too, by megatron's own profiler (compare_traces.py sets the two traces
-side by side). Runs on CPU as a smoke test (--device cpu among the flags; no yardstick there).
+the two differ by more than the 2 % the ratio is judged by: the host drifted). With
+--yardstick-rounds R the two loops alternate R times (M O M ... O M), each of our runs is judged
+by the two around it, and the verdict is the rounds' mean ratio with 95 % confidence bounds. With --profile the last megatron.training
+run is profiled too, by megatron's own profiler (compare_traces.py sets the two traces side by
+side). Runs on CPU as a smoke test (--device cpu among the flags; no yardstick there).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +36,7 @@ PROFILED = 2
 # ours / megatron.training must stay within this (issue 17); the bracketing runs must agree as
 # closely, or the host's drift during the job, not the loops, decides the ratio
 YARDSTICK_TOLERANCE = 0.02
+YARDSTICK_MIN_ROUNDS = 3
 
 
 def run(name: str, flags: List[str], *, logs: str, iteration: int,
@@ -75,31 +80,79 @@ def yardstick(name: str, flags: List[str], *, warmup: int, measure: int, log: st
     return {"interval_iteration_ms": ms, "log": log}
 
 
-def yardstick_rows(name: str, ours: dict, before: dict, after: dict) -> List[tuple]:
-    """Rows for the two megatron.training runs that bracket ours, with our model FLOPs and
-    tokens per iteration (the same model and batch), so their rates scale with the time."""
+def yardstick_rows(name: str, ours: List[dict], megatron: List[dict]) -> List[tuple]:
+    """Rows for megatron.training's runs, which alternate with ours (M O M ... O M, one more of
+    theirs), with our model FLOPs and tokens per iteration (the same model and batch), so their
+    rates scale with the time. Prints each round's ratio (ours over the mean of the two runs
+    around it) and, over several rounds, the verdict."""
+    assert len(megatron) == len(ours) + 1
+    several = len(ours) > 1
+    labels = ([f"run {k}" for k in range(1, len(megatron) + 1)] if several
+              else ["before", "after"])
+    ok = next((r for r in ours if "error" not in r), None)
     rows = []
-    for when, r in (("before", before), ("after", after)):
-        label = f"megatron.training ({name}, {when})"
-        if "error" in r or "error" in ours:
+    for label, r in zip(labels, megatron):
+        label = f"megatron.training ({name}, {label})"
+        if "error" in r or ok is None:
             rows.append((label, r if "error" in r else {"error": f"variant {name} failed"}))
             continue
-        scale = ours["interval_iteration_ms"] / r["interval_iteration_ms"]
-        rows.append((label, r | {"tokens_per_s_per_gpu": ours["tokens_per_s_per_gpu"] * scale,
-                                 "tflops_per_gpu": ours["tflops_per_gpu"] and
-                                 ours["tflops_per_gpu"] * scale}))
-    if not any("error" in r for _, r in rows):
-        ms = [r["interval_iteration_ms"] for _, r in rows]
+        scale = ok["interval_iteration_ms"] / r["interval_iteration_ms"]
+        rows.append((label, r | {"tokens_per_s_per_gpu": ok["tokens_per_s_per_gpu"] * scale,
+                                 "tflops_per_gpu": ok["tflops_per_gpu"] and
+                                 ok["tflops_per_gpu"] * scale}))
+    ratios = []
+    for k, r in enumerate(ours):
+        around = megatron[k:k + 2]
+        if "error" in r or any("error" in m for m in around):
+            continue
+        where = f"{name}, round {k + 1}" if several else name
+        ms = [m["interval_iteration_ms"] for m in around]
         mean = sum(ms) / 2
-        print(f"{name}: ours / megatron.training = {ours['interval_iteration_ms'] / mean:.3f} in "
-              f"ms/iteration ({ours['interval_iteration_ms']:.1f} / {mean:.1f}, the mean of the "
-              f"runs before and after ours, {ms[0]:.1f} and {ms[1]:.1f})", flush=True)
+        ratios.append(r["interval_iteration_ms"] / mean)
+        print(f"{where}: ours / megatron.training = {ratios[-1]:.3f} in ms/iteration "
+              f"({r['interval_iteration_ms']:.1f} / {mean:.1f}, the mean of the runs before and "
+              f"after ours, {ms[0]:.1f} and {ms[1]:.1f})", flush=True)
         drift = abs(ms[0] - ms[1]) / mean
         if drift > YARDSTICK_TOLERANCE:
-            print(f"{name}: megatron.training's runs before and after ours differ by "
+            print(f"{where}: megatron.training's runs before and after ours differ by "
                   f"{100 * drift:.1f} %, more than the {100 * YARDSTICK_TOLERANCE:.0f} % "
-                  f"tolerance: the host's speed drifted; repeat the job", flush=True)
+                  f"tolerance: the host's speed drifted"
+                  f"{'' if several else '; repeat the job'}", flush=True)
+    if several:
+        verdict(name, ratios)
     return rows
+
+
+# One-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the 30th, which
+# errs wide).
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771,
+       1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706,
+       1.703, 1.701, 1.699, 1.697)
+
+
+def verdict(name: str, ratios: List[float]):
+    """The requirement judged on the mean of the rounds' ratios, with a 95 % confidence bound on
+    each side. Alternating the loops turns the host's drift (seen on the H200: up to 25 % between
+    runs minutes apart, more than any difference of the loops) into noise that the rounds average
+    out; the bounds say when there were enough rounds to decide."""
+    n = len(ratios)
+    if n < YARDSTICK_MIN_ROUNDS:
+        print(f"{name}: {n} rounds measured; a verdict needs {YARDSTICK_MIN_ROUNDS}: add rounds",
+              flush=True)
+        return
+    mean = statistics.fmean(ratios)
+    # Adjacent rounds share a megatron.training run: with independent run-to-run noise their
+    # ratios correlate by 1/6, which widens the variance of the mean by less than 4/3.
+    half = T95[min(n - 1, len(T95)) - 1] * statistics.stdev(ratios) * math.sqrt(4 / 3 / n)
+    lo, hi, limit = mean - half, mean + half, 1 + YARDSTICK_TOLERANCE
+    print(f"{name}: ours / megatron.training over {n} rounds: mean {mean:.3f} (rounds "
+          f"{min(ratios):.3f}-{max(ratios):.3f}), one-sided 95 % bounds {lo:.3f} and {hi:.3f}",
+          flush=True)
+    print(f"{name}: " + (f"within the {limit:.2f} requirement (the upper bound is below it)"
+                         if hi <= limit else
+                         f"over the {limit:.2f} requirement (the lower bound is above it)"
+                         if lo > limit else
+                         f"undecided: the bounds straddle {limit:.2f}; add rounds"), flush=True)
 
 
 def save(path: Optional[str], common: List[str], variants: List[tuple], results: List[tuple]):
@@ -148,12 +201,17 @@ def main(argv) -> int:
                    help="the GPU's dense bf16 peak, for the '%% of peak' column")
     p.add_argument("--megatron-yardstick", metavar="NAME", default=None,
                    help="also time megatron.training on variant NAME")
+    p.add_argument("--yardstick-rounds", type=int, default=1, metavar="R",
+                   help="alternate megatron.training and our yardstick variant R times "
+                        "(M O M ... O M); R >= 3 gives a verdict on the mean ratio with 95 %% "
+                        "confidence bounds")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--json-out", default=None, help="every row, as JSON")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
     a = p.parse_args(argv)
-    if not a.variant or a.measure < 1 or a.warmup < 0:
-        p.error("give at least one --variant; --measure >= 1, --warmup >= 0")
+    if not a.variant or a.measure < 1 or a.warmup < 0 or a.yardstick_rounds < 1:
+        p.error("give at least one --variant; --measure >= 1, --warmup >= 0, "
+                "--yardstick-rounds >= 1")
     names = [spec.partition("=")[0] for spec in a.variant]
     if a.megatron_yardstick is not None and a.megatron_yardstick not in names:
         p.error(f"--megatron-yardstick {a.megatron_yardstick} is not one of the variants {names}")
@@ -172,25 +230,34 @@ def main(argv) -> int:
     logs = a.log_dir or tempfile.mkdtemp(prefix="bench_fastpath_")
     os.makedirs(logs, exist_ok=True)
     results = []
-    if a.megatron_yardstick is not None:  # before ours; again after, to show any drift
-        yard_flags = common + dict(variants)[a.megatron_yardstick]
-        before = yardstick(a.megatron_yardstick, yard_flags, warmup=warmup, measure=a.measure,
-                           log=os.path.join(logs, "megatron-before.log"))
-    for name, flags in variants:
-        iters = measured_end + (PROFILED if a.profile else 0)
-        r = run(name, [*LAYOUT, *common, *flags, "--train-iters", str(iters),
-                       "--log-interval", str(a.measure)], logs=logs, iteration=measured_end,
-                profile_from=measured_end if a.profile else None)
-        results.append((name, r))
-        save(a.json_out, common, variants, results)  # each row as it comes: a run cut short keeps them
-        print(f"{name}: " + (r["error"] if "error" in r
-                             else f"{r['interval_iteration_ms']:.1f} ms/iteration"), flush=True)
-    if a.megatron_yardstick is not None:
-        after = yardstick(a.megatron_yardstick, yard_flags, warmup=warmup, measure=a.measure,
-                          log=os.path.join(logs, "megatron-after.log"),
-                          profile_dir=os.path.join(logs, "megatron-profile") if a.profile else None)
-        results += yardstick_rows(a.megatron_yardstick, dict(results)[a.megatron_yardstick],
-                                  before, after)
+    yard, megatron_runs, ours_runs = a.megatron_yardstick, [], []
+    if yard is not None:
+        yard_flags = common + dict(variants)[yard]
+        megatron_runs.append(yardstick(yard, yard_flags, warmup=warmup, measure=a.measure,
+                                       log=os.path.join(logs, "megatron-1.log")))
+    for k in range(1, (a.yardstick_rounds if yard is not None else 1) + 1):
+        # round 1 runs every variant; later rounds only the yardstick's, between its runs
+        for name, flags in (variants if k == 1 else [(yard, dict(variants)[yard])]):
+            profiled = a.profile and k == 1
+            iters = measured_end + (PROFILED if profiled else 0)
+            label, log_name = (name, name) if k == 1 else (f"{name} (round {k})", f"{name}-round{k}")
+            r = run(log_name, [*LAYOUT, *common, *flags, "--train-iters", str(iters),
+                               "--log-interval", str(a.measure)], logs=logs,
+                    iteration=measured_end, profile_from=measured_end if profiled else None)
+            results.append((label, r))
+            save(a.json_out, common, variants, results)  # each row as it comes: a run cut short keeps them
+            print(f"{label}: " + (r["error"] if "error" in r
+                                  else f"{r['interval_iteration_ms']:.1f} ms/iteration"), flush=True)
+            if name == yard:
+                ours_runs.append(r)
+        if yard is not None:
+            last = k == a.yardstick_rounds
+            megatron_runs.append(yardstick(
+                yard, yard_flags, warmup=warmup, measure=a.measure,
+                log=os.path.join(logs, f"megatron-{k + 1}.log"),
+                profile_dir=os.path.join(logs, "megatron-profile") if a.profile and last else None))
+    if yard is not None:
+        results += yardstick_rows(yard, ours_runs, megatron_runs)
     print(f"iterations {warmup + 1}-{measured_end} of each run; logs in {logs}")
     save(a.json_out, common, variants, results)
     print(table(results, a.peak_tflops))

@@ -12,5 +12,17 @@ cd "$root"
 # timeout, so files in parallel finish sooner even on 2 cores (measured on 2 cores: serial 672 s
 # -> 2 workers 567 s; later suite: 2 workers 676 s -> 3 workers 640 s). HETERO_TEST_JOBS=0: serial.
 jobs=${HETERO_TEST_JOBS:-2}
-if [ "$jobs" -gt 0 ]; then set -- -n "$jobs" --dist loadfile "$@"; fi
-exec "$py" -m pytest "$@"
+case " $* " in *" -m "*) jobs=0 ;; esac  # a marker expression of the caller's: one serial run
+[ "$jobs" -gt 0 ] || exec "$py" -m pytest "$@"
+# Tests marked `serial` compare the timings of runs made one after another, which the other
+# worker's load skews (a clean-clone CI run failed the planner's factor-2 bound at 0.46): they run
+# afterwards, alone. Exit status 5 is pytest's "nothing collected": a selection (a file, -k) may
+# leave one of the two runs empty.
+set +e
+"$py" -m pytest -n "$jobs" --dist loadfile -m "not serial" "$@"; parallel=$?
+"$py" -m pytest -m serial "$@"; serial=$?
+set -e
+if [ "$parallel" -ne 0 ] && [ "$parallel" -ne 5 ]; then exit "$parallel"; fi
+if [ "$serial" -ne 0 ] && [ "$serial" -ne 5 ]; then exit "$serial"; fi
+[ "$parallel" -eq 5 ] && [ "$serial" -eq 5 ] && exit 5
+exit 0

@@ -2,6 +2,7 @@
 layout planner (its ranking by hand-checked cases, and every layout it prints against the
 trainer's validation). The real SLURM runs are test_hetero_slurm.py."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,6 +76,30 @@ def test_scripts_pass_bash_n_and_shellcheck():
         subprocess.run(["bash", "-n", str(script)], check=True)
     out = subprocess.run(["shellcheck", *map(str, SHELL)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("codes, expected", [((0, 0), 0), ((1, 0), 1), ((0, 1), 1), ((5, 0), 0),
+                                             ((0, 5), 0), ((5, 5), 5), ((2, 1), 2)])
+def test_run_tests_runs_the_serial_tests_after_the_rest_alone(tmp_path, codes, expected):
+    """The planner test compares the timings of two runs made one after another; with the other
+    pytest worker's load in between it failed a clean-clone CI run (0.46 against a factor-2
+    bound). run_tests.sh runs the `serial` tests afterwards without workers, and fails when either
+    run fails (5, nothing collected, only when both collect nothing)."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
+                    f"n=$(wc -l < {calls})\ncodes=({' '.join(map(str, codes))})\n"
+                    "exit ${codes[$((n - 1))]}\n")
+    fake.chmod(0o755)
+    script = ROOT / "examples/mimo/scripts/run_tests.sh"
+    env = {k: v for k, v in os.environ.items() if k != "HETERO_TEST_JOBS"} | {"HETERO_PYTHON": str(fake)}
+    proc = subprocess.run(["bash", str(script), "-q", "-k", "x"], env=env, timeout=60)
+    assert proc.returncode == expected
+    assert calls.read_text().splitlines() == [
+        "-m pytest -n 2 --dist loadfile -m not serial -q -k x", "-m pytest -m serial -q -k x"]
+    calls.unlink()
+    subprocess.run(["bash", str(script), "-m", "gpu"], env=env, timeout=60)
+    assert calls.read_text().splitlines() == ["-m pytest -m gpu"]  # the caller's marker: one run
 
 
 # ---- planner --------------------------------------------------------------------------------

@@ -209,12 +209,12 @@ def test_yardstick_rows_compare_ours_with_the_mean_of_the_runs_around_it(capsys)
     from examples.mimo.scripts.bench_fastpath import yardstick_rows
 
     ours = {"interval_iteration_ms": 300.0, "tokens_per_s_per_gpu": 1000.0, "tflops_per_gpu": 50.0}
-    rows = dict(yardstick_rows("v", ours, {"interval_iteration_ms": 200.0},
-                               {"interval_iteration_ms": 400.0}))
+    rows = dict(yardstick_rows("v", [ours], [{"interval_iteration_ms": 200.0},
+                                             {"interval_iteration_ms": 400.0}]))
     assert rows["megatron.training (v, before)"]["tflops_per_gpu"] == pytest.approx(75.0)
     assert rows["megatron.training (v, after)"]["tokens_per_s_per_gpu"] == pytest.approx(750.0)
     assert "ours / megatron.training = 1.000" in capsys.readouterr().out
-    failed = dict(yardstick_rows("v", ours, {"error": "exit 1"}, {"interval_iteration_ms": 1.0}))
+    failed = dict(yardstick_rows("v", [ours], [{"error": "exit 1"}, {"interval_iteration_ms": 1.0}]))
     assert failed["megatron.training (v, before)"] == {"error": "exit 1"}
 
 
@@ -224,13 +224,77 @@ def test_the_yardstick_says_when_its_bracketing_runs_disagree_by_more_than_the_t
     from examples.mimo.scripts.bench_fastpath import yardstick_rows
 
     ours = {"interval_iteration_ms": 942.3, "tokens_per_s_per_gpu": 1.0, "tflops_per_gpu": 1.0}
-    yardstick_rows("v", ours, {"interval_iteration_ms": 982.3}, {"interval_iteration_ms": 1084.2})
+    yardstick_rows("v", [ours], [{"interval_iteration_ms": 982.3}, {"interval_iteration_ms": 1084.2}])
     out = capsys.readouterr().out
     assert "ours / megatron.training = 0.912" in out
     assert ("megatron.training's runs before and after ours differ by 9.9 %, more than the 2 % "
             "tolerance: the host's speed drifted; repeat the job") in out
-    yardstick_rows("v", ours, {"interval_iteration_ms": 990.9}, {"interval_iteration_ms": 993.8})
+    yardstick_rows("v", [ours], [{"interval_iteration_ms": 990.9}, {"interval_iteration_ms": 993.8}])
     assert "drifted" not in capsys.readouterr().out
+
+
+def _ms(value: float) -> dict:
+    return {"interval_iteration_ms": value, "tokens_per_s_per_gpu": 1.0, "tflops_per_gpu": 1.0}
+
+
+def test_yardstick_rounds_decide_on_the_mean_ratio_within_its_confidence_bounds(capsys):
+    """Seen on the H200 (session 11): megatron.training ran 1126.3 ms/iteration in one run and
+    878.3 in the next, minutes apart, so one bracketed job cannot settle a 2 % question.
+    --yardstick-rounds R alternates the loops (M O M ... O M), judges each of our runs by the two
+    around it, and decides on the mean of the rounds' ratios with one-sided 95 % bounds."""
+    from examples.mimo.scripts.bench_fastpath import yardstick_rows
+
+    # session 11's first job: rounds 0.973, 0.971, 0.989
+    megatron = [_ms(v) for v in (953.0, 950.5, 896.6, 1016.0)]
+    rows = dict(yardstick_rows("v", [_ms(v) for v in (926.3, 896.6, 945.8)], megatron))
+    assert set(rows) == {f"megatron.training (v, run {k})" for k in range(1, 5)}
+    out = capsys.readouterr().out
+    assert "v, round 2: ours / megatron.training = 0.971" in out
+    assert ("v, round 2: megatron.training's runs before and after ours differ by 5.8 %, more "
+            "than the 2 % tolerance: the host's speed drifted\n") in out
+    # mean 0.9777, sd 0.00988: half width t(2) 2.920 * 0.00988 * sqrt(4/3 / 3) = 0.0192
+    assert ("v: ours / megatron.training over 3 rounds: mean 0.978 (rounds 0.971-0.989), "
+            "one-sided 95 % bounds 0.958 and 0.997") in out
+    assert "v: within the 1.02 requirement (the upper bound is below it)" in out
+
+    # its second job: rounds 1.087, 0.963, 0.983, 1.036, 0.943 (mean 1.002, sd 0.059)
+    yardstick_rows("v", [_ms(v) for v in (1089.9, 937.8, 1023.6, 1035.4, 947.6)],
+                   [_ms(v) for v in (1126.3, 878.3, 1069.7, 1013.2, 986.2, 1023.5)])
+    out = capsys.readouterr().out
+    assert "bounds 0.938 and 1.067" in out
+    assert "v: undecided: the bounds straddle 1.02; add rounds" in out
+
+    yardstick_rows("v", [_ms(v) for v in (1050.0, 1060.0, 1055.0)], [_ms(1000.0)] * 4)
+    assert "v: over the 1.02 requirement (the lower bound is above it)" in capsys.readouterr().out
+
+    yardstick_rows("v", [_ms(1000.0)] * 2, [_ms(1000.0)] * 3)
+    out = capsys.readouterr().out
+    assert "v: 2 rounds measured; a verdict needs 3: add rounds" in out
+    assert "requirement" not in out
+
+
+def test_yardstick_rounds_alternate_the_two_loops_and_profile_the_last_of_theirs(monkeypatch, tmp_path):
+    from examples.mimo.scripts import bench_fastpath
+
+    calls = []
+
+    def ours(name, flags, *, logs, iteration, profile_from):
+        calls.append(("ours", name, profile_from is not None))
+        return _ms(1000.0)
+
+    def theirs(name, flags, *, warmup, measure, log, profile_dir=None):
+        calls.append(("megatron", name, profile_dir is not None))
+        return {"interval_iteration_ms": 1000.0, "log": log}
+
+    monkeypatch.setattr(bench_fastpath, "run", ours)
+    monkeypatch.setattr(bench_fastpath, "yardstick", theirs)
+    assert bench_fastpath.main(["--variant", "a=--x", "--variant", "b=--y", "--megatron-yardstick",
+                                "b", "--yardstick-rounds", "3", "--profile", "--log-dir",
+                                str(tmp_path), "--", "--seq-length", "8"]) == 0
+    assert calls == [("megatron", "b", False), ("ours", "a", True), ("ours", "b", True),
+                     ("megatron", "b", False), ("ours", "b-round2", False),
+                     ("megatron", "b", False), ("ours", "b-round3", False),
+                     ("megatron", "b", True)]
 
 
 def test_a_failed_runs_row_names_its_error_not_torchruns_trailer():

@@ -127,6 +127,7 @@ def test_benchmark_layouts():
     assert layouts(8, 2)[0][2] == ["--encoder-dp", "2", "--llm-dp", "6"]
 
 
+@pytest.mark.serial
 def test_benchmark_runs_every_layout_and_the_planner_predicts_it(tmp_path):
     """bench_hetero.py on 2 CPU ranks: hetero, colocated and LLM-only in one table, and its
     profile. The planner, calibrated by that profile (compute rates from the hetero run, gradient

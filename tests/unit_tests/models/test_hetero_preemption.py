@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,33 @@ def _signal_while_training(cmd, env, *, out, metrics, rows: int, act) -> int:
                          out.read_text()).group(1))
 
 
+def _job(args, metrics):
+    """The real torchrun (the tests signal its ranks), with its command and environment.
+    --standalone: its rendezvous store binds a port the OS picks when it binds (no port chosen
+    beforehand that another job can take), and the workers join through that store."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "examples.mimo.train_hetero", *args, "--metrics-file", str(metrics)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return cmd, env
+
+
+def test_the_signal_tests_job_starts_when_a_port_it_might_pick_is_taken(tmp_path, monkeypatch):
+    """A clean-clone CI run failed a harness launch at the rendezvous with EADDRINUSE: a port
+    free_port() returned was taken (by the other pytest worker's job) before torchrun bound it.
+    This test's job must not depend on a port chosen in advance."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        # a job that went back to choosing its port with free_port() would get the taken one
+        monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: taken.getsockname()[1])
+        cmd, env = _job(["--device", "cpu", "--global-batch-size", "8", "--seq-length", "32",
+                         "--train-iters", "1"], tmp_path / "m.jsonl")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_json_lines(tmp_path / "m.jsonl")) == 1
+
+
 def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
     """SIGTERM to one rank (as SLURM's --signal may reach only some): every rank stops after the
     same iteration, saves, and the job exits 0; a second SIGTERM during that save changes nothing;
@@ -58,11 +86,7 @@ def test_exit_signal_saves_on_every_rank_exits_zero_and_resumes(tmp_path):
             "--distributed-timeout-minutes", "1", "--train-iters", "5000", "--save", str(ckpt),
             "--save-interval", "4",
             "--exit-signal-handler"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "examples.mimo.train_hetero",
-           *args, "--metrics-file", str(metrics)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd, env = _job(args, metrics)
 
     def signal_rank_1_twice(job):
         rank1 = _rank_pid(job.pid, 1)
