@@ -57,6 +57,9 @@ def dry_run_report(cfg, notes) -> str:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from examples.mimo.training.hetero.timers import StartupClock
+
+    startup = StartupClock()
     rank = int(os.environ.get("RANK", "0"))
     quiet_library_warnings(show=rank == 0)
     cfg, notes = check(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -71,8 +74,9 @@ def main(argv=None) -> None:
     if rank == 0:
         for line in notes + remove_stale_saves(cfg.ckpt.save):
             print(line, flush=True)
-    runtime = build_runtime(cfg)
-    train(runtime)
+    startup.lap("flags and imports")
+    runtime = build_runtime(cfg, startup=startup)
+    train(runtime, startup=startup)
     runtime.close()
 
 

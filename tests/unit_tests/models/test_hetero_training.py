@@ -3,6 +3,7 @@ skipped by all ranks together, frozen branches train nothing, and the real launc
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,11 @@ def test_launcher_script_trains(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=660)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "iteration       20/      20" in proc.stdout
+    # once, from rank 0, after the first iteration: where the time before training went
+    assert len(re.findall(r"^start-up, slowest rank per phase: flags and imports [\d.]+ s, process "
+                          r"groups [\d.]+ s, model [\d.]+ s, DDP [\d.]+ s, optimizer [\d.]+ s, data "
+                          r"and checkpoint [\d.]+ s; first iteration [\d.]+ s \(slowest rank in "
+                          r"all: [\d.]+ s\)$", proc.stdout, re.M)) == 1
     # Library warnings come once per job, not once per rank and call (before: ~60 lines).
     warnings = [l for l in proc.stderr.splitlines() if "Warning:" in l]
     assert len(warnings) == len(set(warnings)) and len(warnings) < 20, warnings

@@ -237,3 +237,16 @@ def test_the_test_launcher_retries_a_rendezvous_port_taken_after_it_was_chosen(m
         proc = dist_harness.torchrun(1, "platform", [], timeout=120)
     assert proc.returncode == 0
     assert proc.args[proc.args.index("--master-port") + 1] != str(port)
+
+
+def test_the_start_up_line_takes_the_slowest_rank_per_phase():
+    """A hetero job's ranks spend their start-up differently (an encoder rank builds a small
+    model, an LLM rank a large one and compiles more kernels): the line shows, per phase, the rank
+    that held the job up, and the slowest rank's whole start-up."""
+    from examples.mimo.training.hetero.timers import startup_line
+
+    encoder = {"model": 1.0, "optimizer": 0.5, "first iteration": 30.0}
+    llm = {"model": 9.0, "optimizer": 2.0, "first iteration": 12.0}
+    assert startup_line([encoder, llm]) == ("start-up, slowest rank per phase: model 9.0 s, "
+                                            "optimizer 2.0 s; first iteration 30.0 s (slowest "
+                                            "rank in all: 31.5 s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -21,7 +22,8 @@ from examples.mimo.training.hetero.profiling import Profiler
 from examples.mimo.training.hetero.runtime import Runtime
 from examples.mimo.training.hetero.state import TrainState
 from examples.mimo.training.hetero.step import configure_schedule, train_step
-from examples.mimo.training.hetero.timers import Timers, branch_times, instrument_communicator
+from examples.mimo.training.hetero.timers import (StartupClock, Timers, branch_times,
+                                                  instrument_communicator)
 from examples.mimo.training.hetero.topology import LANGUAGE
 
 
@@ -82,12 +84,15 @@ def log_workarounds() -> None:
               flush=True)
 
 
-def train(rt: Runtime) -> list:
-    """Run the configured iterations; returns the StepResults (losses only on the logging rank)."""
+def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
+    """Run the configured iterations; returns the StepResults (losses only on the logging rank).
+    ``startup``: the clock started with the process (train_hetero), else one started here."""
+    startup = startup or StartupClock()
     cfg = rt.cfg
     ck = cfg.ckpt
     optimizer = build_optimizer(rt)
     scheduler = build_scheduler(optimizer, cfg)
+    startup.lap("optimizer")
     grad_sync = GradSync(branches=rt.branches, topology=rt.topology, device=rt.device)
     timers = Timers(rt.device)
     label = ("model" if cfg.grid.colocated  # one stage runs both modules: their time is one
@@ -112,6 +117,7 @@ def train(rt: Runtime) -> list:
         load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
                         vision_from=ck.load_vision_from)
     log_workarounds()
+    startup.lap("data and checkpoint")
     log = interval_logger(rt)
     val_data = None
 
@@ -158,6 +164,11 @@ def train(rt: Runtime) -> list:
                      if log.due(state.iteration) else None)
             log.record(state, result, data_wait_s=timed_data.take(), times=times)
             results.append(result)
+            if len(results) == 1:
+                startup.lap("first iteration")
+                line = startup.report()
+                if line:
+                    print(line, flush=True)
             # The skip decision is world-wide, so every rank stops here together.
             if limit and state.consecutive_skipped >= limit:
                 raise TrainingDiverged(

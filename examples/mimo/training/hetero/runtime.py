@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from examples.mimo.model_providers import MODEL_PROVIDERS
 from examples.mimo.training.hetero import compat, kernels
 from examples.mimo.training.hetero.config import TrainConfig
 from examples.mimo.training.hetero.device import init_distributed, resolve_device, seed_all
+from examples.mimo.training.hetero.timers import StartupClock
 from examples.mimo.training.hetero.topology import LANGUAGE, Topology
 
 
@@ -50,7 +51,8 @@ def branch(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return model.language_model if name == LANGUAGE else model.modality_submodules[name]
 
 
-def build_runtime(cfg: TrainConfig) -> Runtime:
+def build_runtime(cfg: TrainConfig, *, startup: Optional[StartupClock] = None) -> Runtime:
+    startup = startup or StartupClock()
     provider = MODEL_PROVIDERS[cfg.model_provider]
     facts = provider.facts(cfg.model)
     kind = resolve_device(cfg.runtime.device)
@@ -62,6 +64,7 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     device = init_distributed(kind, cfg.runtime.distributed_timeout_minutes)
     compat.apply_startup(backend=dist.get_backend(), timeout=timeout, mamba=facts.uses_mamba)
     topology = Topology(cfg.grid, timeout=timeout, pipeline_dtype=dtype)
+    startup.lap("process groups")
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     own = topology.module_pgc(topology.module_name)
@@ -72,6 +75,7 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
     # Megatron's Float16Module does.
     model.to(device=device, dtype=dtype)
+    startup.lap("model")
 
     branches = {}
     for name in topology.grid_map:
@@ -93,6 +97,7 @@ def build_runtime(cfg: TrainConfig) -> Runtime:
         else:
             model.modality_submodules[name] = wrapped
         branches[name] = wrapped
+    startup.lap("DDP")
     return Runtime(cfg=cfg, topology=topology, model=model, branches=branches, device=device,
                    dtype=dtype, model_provider=provider,
                    data_provider=DATA_PROVIDERS[cfg.data_provider], facts=facts)

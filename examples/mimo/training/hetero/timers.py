@@ -15,7 +15,7 @@ import contextlib
 import functools
 import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,3 +104,39 @@ def branch_times(local: Dict[str, float], *, label: str, device: torch.device,
         for k, v in times.items():
             branch[k] = max(branch.get(k, 0.0), v)
     return out
+
+
+class StartupClock:
+    """Wall time of each start-up phase up to the end of this process's first iteration (which
+    holds kernel compilation on GPUs), reported once as the slowest rank's per phase, like
+    Megatron's setup timers. The CUDA synchronisation per lap makes a phase own its GPU work; it
+    happens a handful of times, before training."""
+
+    def __init__(self):
+        self.phases: Dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def report(self) -> Optional[str]:
+        """Collective: every rank calls it once; rank 0 gets the line, the others None."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.phases)
+        if dist.get_rank() != 0:
+            return None
+        return startup_line(gathered)
+
+
+def startup_line(per_rank: List[Dict[str, float]]) -> str:
+    first = [name for name in per_rank[0]]
+    slowest = {name: max(r.get(name, 0.0) for r in per_rank) for name in first}
+    *setup, last = first
+    return ("start-up, slowest rank per phase: "
+            + ", ".join(f"{name} {slowest[name]:.1f} s" for name in setup)
+            + f"; {last} {slowest[last]:.1f} s (slowest rank in all: "
+            f"{max(sum(r.values()) for r in per_rank):.1f} s)")
