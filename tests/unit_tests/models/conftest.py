@@ -1,12 +1,11 @@
 """Fixtures shared by several test modules."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.unit_tests.models.dist_harness import ROOT
+from tests.unit_tests.models.dist_harness import ROOT, job_env
 
 
 @pytest.fixture(scope="session")
@@ -15,5 +14,5 @@ def energon_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("energon") / "ds"
     subprocess.run([sys.executable, str(ROOT / "examples/mimo/scripts/make_sample_energon_dataset.py"),
                     str(out), "--samples", "256"], check=True, capture_output=True, timeout=120,
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1"))
+                   env=job_env())
     return out

@@ -22,6 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_env(**extra: str) -> dict:
+    """The environment of a process a test starts: the repository importable, one intra-op
+    thread per process (several share 2 cores)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                OMP_NUM_THREADS="1", **extra)
+
+
 # The agent's rendezvous store could not bind its port: no rank has started, so a relaunch on
 # another port is safe. free_port() cannot reserve the port it returns, and with pytest-xdist
 # another worker's job can take it first.
@@ -33,7 +40,7 @@ def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     """torchrun ``-m module args`` from the repo root, with a hard timeout; the ranks are forked
     from an agent that has imported megatron-core (fork_run.py)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = job_env(PYTHONUNBUFFERED="1")
     for _ in range(_LAUNCH_ATTEMPTS):
         cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--nproc-per-node",
                str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from examples.mimo.data.merge import ENCODER_INPUTS, LANE_BATCH, merge
-from tests.unit_tests.models.dist_harness import ROOT, free_port
+from tests.unit_tests.models.dist_harness import ROOT, free_port, job_env
 
 SCRIPT = ROOT / "examples" / "mimo" / "scripts" / "make_sample_energon_dataset.py"
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+ENV = job_env()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.optim import build_scheduler
-from tests.unit_tests.models.dist_harness import ROOT, torchrun, train
+from tests.unit_tests.models.dist_harness import ROOT, job_env, torchrun, train
 
 BASE = ["--global-batch-size", "8", "--seq-length", "32", "--lr", "3e-3", "--seed", "11",
         "--lr-decay-iters", "8"]
@@ -24,7 +24,7 @@ def launch(nproc, args, timeout=240):
     """``python -m examples.mimo.launch`` as the launcher scripts run it."""
     cmd = [sys.executable, "-m", "examples.mimo.launch", "--standalone", "--nproc-per-node",
            str(nproc), "--", "--device", "cpu", "--distributed-timeout-minutes", "1", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+    env = job_env()
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)

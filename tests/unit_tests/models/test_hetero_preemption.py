@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.unit_tests.models.dist_harness import ROOT, free_port, read_json_lines, run_train
+from tests.unit_tests.models.dist_harness import (ROOT, free_port, job_env, read_json_lines,
+                                                   run_train)
 
 
 def _rank_pid(parent: int, rank: int) -> int:
@@ -56,9 +57,7 @@ def _job(args, metrics):
     beforehand that another job can take), and the workers join through that store."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "examples.mimo.train_hetero", *args, "--metrics-file", str(metrics)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return cmd, env
+    return cmd, job_env(PYTHONUNBUFFERED="1")
 
 
 def test_the_signal_tests_job_starts_when_a_port_it_might_pick_is_taken(tmp_path, monkeypatch):

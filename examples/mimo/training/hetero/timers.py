@@ -133,7 +133,7 @@ class StartupClock:
 
 
 def startup_line(per_rank: List[Dict[str, float]]) -> str:
-    first = [name for name in per_rank[0]]
+    first = list(per_rank[0])
     slowest = {name: max(r.get(name, 0.0) for r in per_rank) for name in first}
     *setup, last = first
     return ("start-up, slowest rank per phase: "
