@@ -213,6 +213,8 @@ def main(argv) -> int:
         p.error("give at least one --variant; --measure >= 1, --warmup >= 0, "
                 "--yardstick-rounds >= 1")
     names = [spec.partition("=")[0] for spec in a.variant]
+    if a.yardstick_rounds > 1 and a.megatron_yardstick is None:
+        p.error(f"--yardstick-rounds {a.yardstick_rounds} needs --megatron-yardstick NAME")
     if a.megatron_yardstick is not None and a.megatron_yardstick not in names:
         p.error(f"--megatron-yardstick {a.megatron_yardstick} is not one of the variants {names}")
     variants = []

@@ -297,6 +297,18 @@ def test_yardstick_rounds_alternate_the_two_loops_and_profile_the_last_of_theirs
                      ("megatron", "b", True)]
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--megatron-yardstick", "a", "--yardstick-rounds", "0"], "--yardstick-rounds >= 1"),
+    (["--yardstick-rounds", "3"], "--yardstick-rounds 3 needs --megatron-yardstick"),
+])
+def test_bench_fastpath_refuses_bad_yardstick_rounds(capsys, extra, message):
+    from examples.mimo.scripts import bench_fastpath
+
+    with pytest.raises(SystemExit) as stop:
+        bench_fastpath.main(["--variant", "a=--x", *extra, "--", "--seq-length", "8"])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_failed_runs_row_names_its_error_not_torchruns_trailer():
     """Seen on the H100: an out-of-memory run's row read "error_file: <N/A> / traceback : To
     enable traceback see ..." (torchrun's last lines), and finding the cause cost a device call."""
