@@ -29,26 +29,15 @@ def job_env(**extra: str) -> dict:
                 OMP_NUM_THREADS="1", **extra)
 
 
-# The agent's rendezvous store could not bind its port: no rank has started, so a relaunch on
-# another port is safe. free_port() cannot reserve the port it returns, and with pytest-xdist
-# another worker's job can take it first.
-_PORT_TAKEN = "EADDRINUSE"
-_LAUNCH_ATTEMPTS = 3
-
-
 def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     """torchrun ``-m module args`` from the repo root, with a hard timeout; the ranks are forked
-    from an agent that has imported megatron-core (fork_run.py)."""
-    env = job_env(PYTHONUNBUFFERED="1")
-    for _ in range(_LAUNCH_ATTEMPTS):
-        cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--nproc-per-node",
-               str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", module, *args]
-        proc = _launch(cmd, env, timeout)
-        if not (proc.returncode != 0 and "next_rendezvous" in proc.stderr
-                and _PORT_TAKEN in proc.stderr):
-            break
+    from an agent that has imported megatron-core (fork_run.py). ``--standalone``: the agent's
+    rendezvous store binds a port the OS picks as it binds; a port chosen beforehand could be
+    taken by the other pytest worker's job first (seen in CI as EADDRINUSE)."""
+    cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--standalone",
+           "--nproc-per-node", str(nproc), "-m", module, *args]
+    proc = _launch(cmd, job_env(PYTHONUNBUFFERED="1"), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

@@ -12,6 +12,7 @@ gives them. Only the tests use it: users and the end-to-end launcher tests run t
 import os
 import runpy
 import sys
+import uuid
 import warnings
 
 
@@ -36,6 +37,11 @@ def main() -> None:
     args = get_args_parser().parse_args()
     if not args.module:
         sys.exit("fork_run: only -m MODULE entrypoints")
+    if args.standalone:
+        # torch.distributed.run.run() does this before config_from_args(), which alone would
+        # ignore --standalone and bind the static master port: a c10d store on a port the OS
+        # picks as it binds, so no port chosen beforehand can be taken by another job.
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     with warnings.catch_warnings():  # shown once per job anyway (quiet_library_warnings)
         warnings.simplefilter("ignore")
         import examples.mimo.train_hetero  # noqa: F401

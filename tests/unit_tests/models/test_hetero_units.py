@@ -219,11 +219,15 @@ def test_the_nonfinite_check_finds_nan_and_inf_without_a_gradient_sized_temporar
             assert bool(any_nonfinite(poisoned)), (bad, i)
 
 
-def test_the_test_launcher_retries_a_rendezvous_port_taken_after_it_was_chosen(monkeypatch):
+def test_the_test_launcher_starts_its_jobs_on_no_port_chosen_in_advance(monkeypatch):
     """Seen in a clean-clone CI run: free_port() returned a free port, another process (the other
     pytest worker's job) bound it before torchrun's agent did, and test_projector_only_checkpoint
-    failed with EADDRINUSE at the rendezvous, before any rank ran."""
+    failed with EADDRINUSE at the rendezvous, before any rank ran. The harness now launches with
+    --standalone, which fork_run must honour: torch.distributed.run.run() turns it into a c10d
+    store on port 0, config_from_args() alone binds the static --master-port."""
     import socket
+    import subprocess
+    import sys
 
     from tests.unit_tests.models import dist_harness
 
@@ -231,12 +235,16 @@ def test_the_test_launcher_retries_a_rendezvous_port_taken_after_it_was_chosen(m
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        chosen = iter([port])
-        real = dist_harness.free_port
-        monkeypatch.setattr(dist_harness, "free_port", lambda: next(chosen, None) or real())
+        # a harness that went back to choosing its port in advance would get the taken one
+        monkeypatch.setattr(dist_harness, "free_port", lambda: port)
         proc = dist_harness.torchrun(1, "platform", [], timeout=120)
-    assert proc.returncode == 0
-    assert proc.args[proc.args.index("--master-port") + 1] != str(port)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        direct = subprocess.run([sys.executable, "-m", "tests.unit_tests.models.fork_run",
+                                 "--standalone", "--master-port", str(port), "--nproc-per-node",
+                                 "1", "-m", "platform"], cwd=dist_harness.ROOT,
+                                env=dist_harness.job_env(), capture_output=True, text=True,
+                                timeout=120)
+        assert direct.returncode == 0, direct.stderr[-3000:]
 
 
 def test_the_start_up_line_takes_the_slowest_rank_per_phase():
