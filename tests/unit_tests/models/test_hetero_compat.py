@@ -116,3 +116,31 @@ def test_packed_mamba_convolution_stays_within_each_sample():
     whole = compat._conv1d_within_segments(x, weight, bias, torch.zeros_like(seq_idx))
     torch.testing.assert_close(whole, F.conv1d(x, weight, bias, padding=width - 1,
                                                groups=channels)[..., :x.shape[-1]])
+
+
+def test_the_torch_adam_workaround_leaves_other_inner_optimizers_alone():
+    """Seen on the H200 with transformer-engine installed, where megatron-core builds TE's
+    FusedAdam: resuming failed with KeyError: 'step' in FusedAdam.state_dict, because the
+    workaround for torch's Adam primed a 'step' into every parameter's state."""
+    from types import SimpleNamespace
+
+    class FusedAdamLike(torch.optim.SGD):  # any inner optimizer that is not torch's Adam
+        pass
+
+    def chained(inner):
+        def init_state_fn(opt, config=None):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    opt.state[p].setdefault("exp_avg", torch.zeros_like(p))
+        top = SimpleNamespace(optimizer=inner, config=None, init_state_fn=init_state_fn)
+        return SimpleNamespace(_active_optimizers=[top])
+
+    fused = FusedAdamLike([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with compat.torch_adam_checkpoint_load(chained(fused)):
+        pass
+    assert all("step" not in state for state in fused.state.values()), dict(fused.state)
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    adam.param_groups[0]["step"] = 3
+    with compat.torch_adam_checkpoint_load(chained(adam)):
+        pass
+    assert [float(s["step"]) for s in adam.state.values()] == [3.0]

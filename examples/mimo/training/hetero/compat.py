@@ -204,9 +204,13 @@ def param_groups_within(group: dist.ProcessGroup):
 
 
 def _inner_adams(optimizer) -> Iterable:
+    """The chained optimizers whose inner optimizer is torch's Adam: with transformer-engine or
+    apex installed megatron-core builds their FusedAdam, which keeps no per-parameter step (its
+    state_dict fails on one: KeyError 'step')."""
     for top in optimizer._active_optimizers:
         for opt in getattr(top, "chained_optimizers", [top]):
-            yield opt
+            if isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+                yield opt
 
 
 @contextlib.contextmanager
