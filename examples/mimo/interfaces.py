@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Protocol, Tuple, runtime_checkable
+from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -31,6 +31,10 @@ class ModelFacts:
     llm_moe_layers: int  # layers whose MLP is a MoE; 0 for a dense LLM
     moe_activation: str = ""  # the routed experts' activation, e.g. "squared_relu" ("": no MoE)
     moe_aux_losses: Tuple[str, ...] = ()  # names megatron's MoE metrics tracker records them by
+    # Expert capacity (None: dropless). Padded to it, the experts' shapes are fixed: what a CUDA
+    # graph of a whole MoE layer needs (graphs.py).
+    moe_capacity_factor: Optional[float] = None
+    moe_pad_to_capacity: bool = False
     uses_mamba: bool = False  # needs mamba-ssm's Triton kernels (see compat.import_mamba_triton_kernels)
     encoder_params: int = 0  # parameters of the encoder branch (ViT + projector), all ranks together
     llm_params: int = 0  # parameters of the language model, all ranks together
@@ -139,6 +143,9 @@ class DataProvider(Protocol):
         ``equal_images``: '' or why the layout needs the same image tokens on every encoder rank
         (megatron-core splits or joins the encoder's output by token count: fan-in, and a
         colocated layout whose DP sizes differ). Runs before any process group exists."""
+
+    def packs_sequences(self, cfg) -> bool:
+        """Whether micro-batches carry several samples per row (packed_seq_params)."""
 
     def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
                        to_model: Callable[[dict], dict], split: str = "train") -> "DataIterator":

@@ -116,6 +116,10 @@ def load_tokenizer(path: str):
     return Tokenizer(path)
 
 
+def packs_sequences(cfg: EnergonDataConfig) -> bool:
+    return cfg.packing_buffer_size is not None
+
+
 def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, equal_images: str,
              llm_only: bool) -> None:
     check_dataset(cfg.data_path)

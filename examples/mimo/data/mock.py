@@ -64,6 +64,10 @@ def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, equal_imag
                          f"{equal_images}: every encoder rank needs the same image count")
 
 
+def packs_sequences(cfg: MockDataConfig) -> bool:
+    return False
+
+
 def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: int, seed: int,
                 with_images: bool) -> dict:
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)

@@ -222,6 +222,8 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       num_experts=a.num_experts if moe_layers else 0, llm_moe_layers=moe_layers,
                       moe_aux_losses=("seq_load_balancing_loss",) if moe_layers else (),
                       moe_activation="squared_relu" if moe_layers else "",
+                      moe_capacity_factor=cfg.moe_expert_capacity_factor if moe_layers else None,
+                      moe_pad_to_capacity=bool(moe_layers) and cfg.moe_pad_expert_input_to_capacity,
                       uses_mamba="M" in a.hybrid_layer_pattern,
                       encoder_params=vit + projection, llm_params=language_params(a),
                       llm_expert_params=moe_layers * a.num_experts * 2 * a.hidden_size
@@ -331,7 +333,7 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
     a = cfg.arch
     te = cfg.transformer_impl == "transformer_engine"
     return common.transformer_config(
-        tp=tp, pp=pp, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=True),
+        tp=tp, pp=pp, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=True, graphs=True),
         num_layers=len(a.hybrid_layer_pattern),
         hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,

@@ -23,6 +23,8 @@ fails without it (the training path it exists for):
     packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
     signal_proof_checkpoint_writer     test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
                                        (the requeue's SIGTERM reaches every process of the step)
+    num_microbatches_for_cuda_graphs   test_hetero_gpu_te::test_cuda_graphs_replay_the_eager_losses_...
+                                       (the capture reads the global micro-batch count)
 """
 
 import importlib.util
@@ -57,7 +59,30 @@ def test_every_workaround_has_a_probe():
     public = {name for name, fn in inspect.getmembers(compat, callable)  # lru_cache'd ones too
               if getattr(fn, "__module__", None) == compat.__name__ and not name.startswith("_")}
     assert public - {"active", "version_note", "apply_startup"} == \
-        set(PROBED) | {"import_mamba_triton_kernels", "packed_mamba_mixer"}
+        set(PROBED) | {"import_mamba_triton_kernels", "packed_mamba_mixer",
+                       "num_microbatches_for_cuda_graphs"}
+
+
+def test_canary_te_cuda_graph_capture_still_reads_the_global_micro_batch_count():
+    from megatron.core import num_microbatches_calculator as calc
+    from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
+
+    assert "get_num_microbatches()" in inspect.getsource(TECudaGraphHelper._get_cuda_graph_input_data), \
+        "megatron-core no longer needs compat.num_microbatches_for_cuda_graphs: remove it"
+    assert calc._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None
+    with pytest.raises(AttributeError):
+        calc.get_num_microbatches()
+
+
+def test_num_microbatches_for_cuda_graphs_sets_the_global_count():
+    from megatron.core import num_microbatches_calculator as calc
+
+    try:
+        compat.num_microbatches_for_cuda_graphs(rank=0, global_batch_size=16, micro_batch_size=2,
+                                                data_parallel_size=2)
+        assert calc.get_num_microbatches() == 4
+    finally:
+        calc.unset_num_microbatches_calculator()
 
 
 @pytest.mark.parametrize("name", PROBED)

@@ -249,3 +249,54 @@ def test_op_fuser_experts_match_the_unfused_ones_in_fewer_kernels(tmp_path):
                       "cublaslt": tex.get_cublasLt_version()}))
     assert gap <= max(3 * noise, 2e-3), (gap, noise)
     assert kernels["fused"] < kernels["plain"], kernels
+
+
+GRAPHED = ["--cuda-graph-impl", "transformer_engine", "--cuda-graph-warmup-steps", "3"]
+
+
+@needs_te
+@pytest.mark.parametrize("model,parts", [
+    ([], ["--cuda-graph-modules", "mamba", "attn", "moe_router", "moe_preprocess"]),
+    (["--moe-expert-capacity-factor", "2.0", "--moe-pad-expert-input-to-capacity"], []),
+], ids=["dropless-parts-of-layers", "padded-whole-layers"])
+def test_cuda_graphs_replay_the_eager_losses_and_resume_from_a_checkpoint(tmp_path, capsys,
+                                                                          monkeypatch, model, parts):
+    """The language model's layers captured after 3 eager iterations and replayed: same weights
+    and data as an eager run, so the losses are the eager run's up to the order of sums in
+    kernels (bf16; allowed 2e-3 relative, the floor of the TE vs local test). Every layer of
+    every later micro-batch is a replay. A checkpoint saved from a graphed run (the graph-safe
+    RNG tracker's states as tensors) resumes, and its first 3 iterations run eagerly again."""
+    from megatron.core.transformer.module import GraphableMegatronModule
+
+    replays = []
+    replay = GraphableMegatronModule._te_cuda_graph_replay
+
+    def counted(self, *args, **kwargs):
+        replays.append(type(self).__name__)
+        return replay(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphableMegatronModule, "_te_cuda_graph_replay", counted)
+    base = [*TINY, "--llm-only", "--llm-dp", "1", "--bf16", "--transformer-impl",
+            "transformer_engine", *model]
+    graphs = [*GRAPHED, *parts]
+    eager, weights = _run(base, iters=12)
+    assert not replays
+    graphed, _ = _run([*base, *graphs], iters=12, weights=weights)
+    layers, microbatches = 4, 4  # "ME*E"; global batch 8 of micro-batches of 2
+    assert len(replays) == 9 * microbatches * layers, len(replays)
+    assert "MambaLayer" in replays
+    assert "CUDA graphs: 4 language-model layers captured after 3 eager iterations" in \
+        capsys.readouterr().out
+    gap = max(abs(a - b) / b for a, b in zip(graphed, eager))
+    print(json.dumps({"eager": eager, "graphed": graphed, "max_rel_gap": gap}))
+    assert graphed[:3] == eager[:3] and gap <= 2e-3, gap
+
+    ckpt = ["--save", str(tmp_path / "ckpt"), "--save-interval", "6"]
+    # the same 12-iteration schedule, stopped after 6 (a changed schedule is refused on resume)
+    first, _ = _run([*base, *graphs, *ckpt, "--exit-interval", "6"], iters=12, weights=weights)
+    replays.clear()
+    resumed, _ = _run([*base, *graphs, *ckpt, "--load", str(tmp_path / "ckpt")], iters=12)
+    assert len(replays) == 3 * microbatches * layers, len(replays)
+    rest = max(abs(a - b) / b for a, b in zip(first + resumed, graphed))
+    print(json.dumps({"first": first, "resumed": resumed, "max_rel_gap_to_uninterrupted": rest}))
+    assert len(resumed) == 6 and rest <= 2e-3, rest

@@ -354,3 +354,134 @@ def test_compare_traces_refuses_a_non_positive_iteration_count(capsys):
     with pytest.raises(SystemExit):
         main(["a.json", "b.json", "--iterations", "0"])
     assert "--iterations 0 and --top 30 must be >= 1" in capsys.readouterr().err
+
+
+TE = ["--transformer-impl", "transformer_engine"]
+GRAPHS = ["--cuda-graph-impl", "transformer_engine"]
+DROPLESS_PARTS = ["--cuda-graph-modules", "mamba", "attn", "moe_router", "moe_preprocess"]
+PADDED = ["--moe-expert-capacity-factor", "1.5", "--moe-pad-expert-input-to-capacity"]
+
+
+@pytest.fixture
+def te_specs_on_cpu(monkeypatch):
+    from examples.mimo.model_providers import specs
+
+    monkeypatch.setattr(specs, "check_transformer_impl", lambda impl: None)  # no TE on the CPU
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cuda-graph-impl", "local"], r"--cuda-graph-impl: invalid choice: 'local'"),
+    (["--cuda-graph-modules", "attn", "mamba"],
+     r"--cuda-graph-modules attn mamba applies with --cuda-graph-impl transformer_engine only"),
+    (["--cuda-graph-warmup-steps", "2"], r"--cuda-graph-warmup-steps 2 applies with"),
+    ([*GRAPHS, "--transformer-impl", "local"],
+     r"--cuda-graph-impl transformer_engine needs transformer-engine layers; this model's are local"),
+    (GRAPHS, r"\(whole layers\): a graph of a whole MoE layer needs fixed expert shapes"),
+    ([*GRAPHS, "--cuda-graph-modules", "moe", "mamba"], r"moe mamba: a graph of a whole MoE layer"),
+    ([*GRAPHS, *PADDED, "--cuda-graph-modules", "moe", "moe_router"],
+     r"moe and moe_router exclude each other"),
+    ([*GRAPHS, "--cuda-graph-modules", "attn", "moe_preprocess"], r"moe_preprocess needs moe_router"),
+    ([*GRAPHS, "--cuda-graph-modules", "mlp"], r"mlp graphs dense MLP layers"),
+    ([*GRAPHS, *DROPLESS_PARTS, "--moe-expert-capacity-factor", "1.5"],
+     r"moe_preprocess copies token counts to the host"),
+    ([*GRAPHS, *DROPLESS_PARTS, "--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], r"--recompute-granularity full exclude each other"),
+    ([*GRAPHS, *DROPLESS_PARTS, "--recompute-granularity", "selective", "--recompute-modules", "moe"],
+     r"--recompute-modules moe and --cuda-graph-modules .* exclude each other"),
+    ([*GRAPHS, *DROPLESS_PARTS, "--cuda-graph-warmup-steps", "0"], r"must be >= 1"),
+])
+def test_bad_cuda_graph_flags_fail_in_one_line_before_any_process_group(te_specs_on_cpu, args,
+                                                                         message):
+    """What megatron-core's TransformerConfig or TECudaGraphHelper asserts after the process
+    groups exist, or what fails inside a capture (a dropless MoE layer's host sync), said first."""
+    with pytest.raises(ValueError, match=message) as e:
+        cfg(*TE, *args)
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_graphs_are_refused_where_one_graph_cannot_serve_every_micro_batch(te_specs_on_cpu):
+    from examples.mimo.training.hetero import graphs
+
+    with pytest.raises(ValueError, match=r"needs --llm-pp 1 \(got 2\)"):
+        parse_config([*NEMOTRON, "--device", "cuda", *TE, *GRAPHS, *DROPLESS_PARTS, "--llm-pp", "2"],
+                     world_size=3)
+    k = cfg(*TE, *GRAPHS, *DROPLESS_PARTS).kernels
+    from examples.mimo.model_providers import nemotron_moe_vlm
+
+    facts = nemotron_moe_vlm.facts(cfg(*TE).model)
+    with pytest.raises(ValueError, match=r"takes unpacked rows only.*--packing-buffer-size"):
+        graphs.validate(k, facts=facts, llm_pp=1, packs_sequences=True)
+    graphs.validate(k, facts=facts, llm_pp=1, packs_sequences=False)
+
+
+def test_cuda_graphs_are_refused_on_cpu():
+    with pytest.raises(ValueError, match=r"--cuda-graph-impl transformer_engine needs CUDA; this "
+                                         r"run is on the CPU"):
+        parse_config([*NEMOTRON[:4], "--model-preset", "tiny-cpu", "--device", "cpu", *GRAPHS],
+                     world_size=2)
+
+
+@pytest.mark.parametrize("extra,modules", [
+    (DROPLESS_PARTS, ["mamba", "attn", "moe_router", "moe_preprocess"]),
+    (PADDED, []),  # fixed expert shapes: whole layers, megatron-core's default
+    ([*PADDED, "--cuda-graph-modules", "mamba", "attn", "moe"], ["mamba", "attn", "moe"]),
+])
+def test_cuda_graph_flags_reach_the_language_models_config_only(te_specs_on_cpu, extra, modules):
+    """The accepted combinations are ones megatron-core's TransformerConfig accepts too."""
+    from examples.mimo.model_providers import nemotron_moe_vlm
+
+    c = cfg(*TE, *GRAPHS, "--cuda-graph-warmup-steps", "2", *extra)
+    llm = c.kernels.transformer_fields(fp8=True, graphs=True)
+    assert (llm["cuda_graph_impl"], llm["cuda_graph_modules"], llm["cuda_graph_warmup_steps"]) == \
+        ("transformer_engine", modules, 2)
+    assert "cuda_graph_impl" not in c.kernels.transformer_fields(fp8=False)  # the encoder's
+    config = nemotron_moe_vlm.language_config(c.model, tp=1, pp=1, ep=1, expt_tp=1,
+                                              dtype=torch.bfloat16, kernels=c.kernels)
+    assert config.cuda_graph_impl == "transformer_engine"
+    assert [m.name for m in config.cuda_graph_modules] == modules
+
+
+def test_cuda_graphs_with_expandable_segments_need_nccl_graph_registration_off():
+    from examples.mimo.training.hetero import graphs
+
+    k = kernels.KernelConfig(cuda_graph_impl="transformer_engine")
+    alloc = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    with pytest.raises(ValueError, match=r"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True needs "
+                                         r"NCCL_GRAPH_REGISTER=0"):
+        graphs.check_environment(k, alloc)
+    graphs.check_environment(k, {**alloc, "NCCL_GRAPH_REGISTER": "0"})
+    graphs.check_environment(kernels.KernelConfig(), alloc)
+
+
+class _GeneratorTracker:
+    """The shape of transformer-engine's graph-safe RNG tracker: live torch.Generator objects."""
+
+    def __init__(self):
+        self.states = {"model-parallel-rng": torch.Generator().manual_seed(1),
+                       "expert-parallel-rng": torch.Generator().manual_seed(2)}
+
+    def get_states(self):
+        return dict(self.states)
+
+    def set_states(self, states):
+        self.states = states
+
+
+def test_rng_tracker_states_are_copied_as_tensors_from_a_graph_safe_tracker(monkeypatch, tmp_path):
+    """CUDA graphs need transformer-engine's graph-safe tracker, whose get_states() hands out the
+    generators themselves: saved before evaluation they advance with it, and a checkpoint of them
+    is refused by its weights_only load. Copies as tensors restore either kind of tracker."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from examples.mimo.training.hetero.state import set_tracker_states, tracker_states
+
+    tracker = _GeneratorTracker()
+    monkeypatch.setattr(mrandom, "get_cuda_rng_tracker", lambda: tracker)
+    saved = tracker_states()
+    expected = {n: torch.rand(3, generator=g) for n, g in tracker.states.items()}  # advances them
+    torch.save(saved, tmp_path / "rng.pt")
+    set_tracker_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert all(torch.equal(torch.rand(3, generator=tracker.states[n]), e)
+               for n, e in expected.items())
+    with pytest.raises(ValueError, match="do not match"):
+        set_tracker_states({"model-parallel-rng": saved["model-parallel-rng"]})

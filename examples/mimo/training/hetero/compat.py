@@ -426,6 +426,20 @@ def _conv1d_within_segments(x: torch.Tensor, weight: torch.Tensor, bias, seq_idx
     return out if bias is None else out + bias[None, :, None]
 
 
+def num_microbatches_for_cuda_graphs(*, rank: int, global_batch_size: int, micro_batch_size: int,
+                                     data_parallel_size: int) -> None:
+    """``TECudaGraphHelper._get_cuda_graph_input_data`` (transformer/cuda_graphs.py) sizes TE's
+    warm-up from megatron-core's global ``get_num_microbatches()``, also with one pipeline stage,
+    and fails on ``None.get()`` unless megatron.training's initialize set the global calculator.
+    Our batch sizes live in BatchConfig, so set the calculator from them, once per process."""
+    from megatron.core import num_microbatches_calculator as calc
+
+    if calc._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None:
+        calc.init_num_microbatches_calculator(rank, None, global_batch_size, micro_batch_size,
+                                              data_parallel_size)
+    _mark("num_microbatches_for_cuda_graphs")
+
+
 def reduce_moe_metrics(*, names: Iterable[str], num_layers: int, pp, dp,
                        device: torch.device) -> Dict[str, torch.Tensor]:
     """Sum what megatron-core's MoE routers recorded this step over the LLM's pipeline stages,

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
-from examples.mimo.training.hetero import kernels, profiling
+from examples.mimo.training.hetero import graphs, kernels, profiling
 from examples.mimo.training.hetero.exits import SIGNALS
 
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
@@ -322,6 +322,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     validate_sequence_parallel(grid, facts, batch.seq_length)
     kernel_cfg = kernels.from_args(args, transformer_impl=facts.transformer_impl,
                                    moe_activation=facts.moe_activation, expert_tp=grid.llm_expt_tp)
+    graphs.validate(kernel_cfg, facts=facts, llm_pp=grid.llm_pp,
+                    packs_sequences=data_provider.packs_sequences(data_cfg))
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
                            equal_images=equal_images_reason(grid), llm_only=grid.llm_only)
     runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,

@@ -46,13 +46,19 @@ def init_distributed(device: str, timeout_minutes: float) -> torch.device:
     return dev
 
 
-def seed_all(seed: int, *, device: str, tp_rank: int, ep_rank: int, etp_rank: int) -> None:
+def seed_all(seed: int, *, device: str, tp_rank: int, ep_rank: int, etp_rank: int,
+             graph_safe: bool = False) -> None:
+    """``graph_safe``: transformer-engine's RNG tracker on graph-safe generators, which a CUDA
+    graph capture can fork (graphs.py; megatron.training switches the same way)."""
     torch.manual_seed(seed)
     if device == "cuda":
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        # Without parallel_state the tracker must be told this rank's TP/EP coordinates.
-        model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank)
+        # Without parallel_state the tracker must be told this rank's TP/EP coordinates; its kind
+        # is chosen anew (a process that builds twice, as the GPU tests do, may switch kinds).
+        model_parallel_cuda_manual_seed(seed, te_rng_tracker=graph_safe,
+                                        use_cudagraphable_rng=graph_safe, tp_rank=tp_rank,
+                                        ep_rank=ep_rank, etp_rank=etp_rank, force_reset_rng=True)
 
 
 def enable_cpu_emulation() -> None:

@@ -14,19 +14,17 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from examples.mimo.training.hetero.runtime import Runtime
+from examples.mimo.training.hetero.state import set_tracker_states, tracker_states
 from examples.mimo.training.hetero.step import global_totals, run_schedule
 
 
 @contextlib.contextmanager
 def rng_untouched(device: torch.device):
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    tracker = get_cuda_rng_tracker()
-    saved = tracker.get_states() if device.type == "cuda" else None
+    saved = tracker_states() if device.type == "cuda" else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         yield
     if saved is not None:
-        tracker.set_states(saved)
+        set_tracker_states(saved)
 
 
 def evaluate(rt: Runtime, data: Iterator[dict], *, iters: int) -> Optional[Tuple[float, int]]:

@@ -1,6 +1,6 @@
 """Compute options that trade kernels, precision and memory, with Megatron's flag names: FP8,
 activation recompute, MoE router/permute fusion, the experts through TE's op fuser, fused cross
-entropy, Mamba's fused path.
+entropy, Mamba's fused path, CUDA graphs of the language model's layers (run by graphs.py).
 
 They become TransformerConfig fields of the branches a provider builds (``transformer_fields``);
 which branch takes which is the provider's call (FP8 goes to the language model only: RADIO's
@@ -23,6 +23,13 @@ RECOMPUTE_METHODS = ("uniform", "block")
 # megatron-core's selective-recompute modules that exist in these models (no MLA, no GDN)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
 CROSS_ENTROPY_IMPLS = ("native", "te")
+# megatron-core's "local" impl is not offered: each layer's CudaGraphManager looks its process
+# groups up in parallel_state, which this example never initialises (two grids, not one);
+# "full_iteration" graphs the whole step, whose host syncs (MimoModel's text-embedding gather,
+# the skip decision) cannot be captured.
+CUDA_GRAPH_IMPLS = ("none", "transformer_engine")
+CUDA_GRAPH_MODULES = ("attn", "mlp", "moe", "moe_router", "moe_preprocess", "mamba")
+CUDA_GRAPH_WARMUP_STEPS = 3  # megatron-core's default
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class KernelConfig:
     disable_mamba_mem_eff_path: bool = False
     use_transformer_engine_op_fuser: bool = False
     use_fused_weighted_squared_relu: bool = False
+    cuda_graph_impl: str = "none"
+    cuda_graph_modules: Tuple[str, ...] = ()  # (): whole layers
+    cuda_graph_warmup_steps: int = CUDA_GRAPH_WARMUP_STEPS
 
     @property
     def needs_transformer_engine(self) -> Optional[str]:
@@ -55,13 +65,15 @@ class KernelConfig:
                          ("--cross-entropy-fusion-impl te",
                           self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "te"),
                          ("--recompute-modules moe_act", self.recompute_granularity == "selective"
-                          and "moe_act" in self.recompute_modules)):
+                          and "moe_act" in self.recompute_modules),
+                         ("--cuda-graph-impl transformer_engine", self.cuda_graph_impl != "none")):
             if on:
                 return flag
         return None
 
-    def transformer_fields(self, *, fp8: bool) -> dict:
-        """TransformerConfig fields of one branch; ``fp8`` says whether this branch takes FP8."""
+    def transformer_fields(self, *, fp8: bool, graphs: bool = False) -> dict:
+        """TransformerConfig fields of one branch; ``fp8`` and ``graphs`` say whether this branch
+        takes FP8 and CUDA graphs (the language model only: graphs.py)."""
         out = dict(recompute_granularity=self.recompute_granularity,
                    recompute_method=self.recompute_method,
                    recompute_num_layers=self.recompute_num_layers,
@@ -76,6 +88,10 @@ class KernelConfig:
             out.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
                        fp8_amax_history_len=self.fp8_amax_history_len,
                        fp8_amax_compute_algo=self.fp8_amax_compute_algo)
+        if graphs and self.cuda_graph_impl != "none":
+            out.update(cuda_graph_impl=self.cuda_graph_impl,
+                       cuda_graph_modules=list(self.cuda_graph_modules),
+                       cuda_graph_warmup_steps=self.cuda_graph_warmup_steps)
         return out
 
 
@@ -114,6 +130,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-mamba-mem-eff-path", action="store_true",
                    help="Keep Mamba on the unfused path even when causal-conv1d's CUDA extension "
                         "is installed (by default the fused path is used whenever it is).")
+    g.add_argument("--cuda-graph-impl", choices=CUDA_GRAPH_IMPLS, default="none",
+                   help="transformer_engine: after --cuda-graph-warmup-steps eager iterations, "
+                        "capture each language-model layer (or --cuda-graph-modules of it) as a "
+                        "CUDA graph and replay it in training: one launch instead of each "
+                        "kernel's. megatron-core's local and full_iteration are not offered.")
+    g.add_argument("--cuda-graph-modules", "--cuda-graph-scope", nargs="+",
+                   choices=CUDA_GRAPH_MODULES, default=None,
+                   help="The parts of each layer to graph (default: whole layers). Dropless MoE "
+                        "layers cannot be graphed whole (their expert shapes vary): e.g. mamba "
+                        "attn moe_router moe_preprocess.")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=None,
+                   help=f"Eager iterations before the capture (default "
+                        f"{CUDA_GRAPH_WARMUP_STEPS}).")
 
 
 def from_args(args: argparse.Namespace, *, transformer_impl: str, moe_activation: str = "",
@@ -130,7 +159,18 @@ def from_args(args: argparse.Namespace, *, transformer_impl: str, moe_activation
         cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
         disable_mamba_mem_eff_path=args.disable_mamba_mem_eff_path,
         use_transformer_engine_op_fuser=args.use_transformer_engine_op_fuser,
-        use_fused_weighted_squared_relu=args.use_fused_weighted_squared_relu)
+        use_fused_weighted_squared_relu=args.use_fused_weighted_squared_relu,
+        cuda_graph_impl=args.cuda_graph_impl,
+        cuda_graph_modules=tuple(dict.fromkeys(args.cuda_graph_modules or ())),
+        cuda_graph_warmup_steps=(CUDA_GRAPH_WARMUP_STEPS if args.cuda_graph_warmup_steps is None
+                                 else args.cuda_graph_warmup_steps))
+    if k.cuda_graph_impl == "none":
+        for flag, given in (("--cuda-graph-modules", args.cuda_graph_modules),
+                            ("--cuda-graph-warmup-steps", args.cuda_graph_warmup_steps)):
+            if given is not None:
+                shown = " ".join(given) if isinstance(given, list) else given
+                raise ValueError(f"{flag} {shown} applies with --cuda-graph-impl "
+                                 f"transformer_engine only (got none)")
     validate(k, bf16=args.bf16, device=args.device, transformer_impl=transformer_impl,
              recompute_modules_given=args.recompute_modules is not None,
              moe_activation=moe_activation, expert_tp=expert_tp)
@@ -167,6 +207,13 @@ def validate(k: KernelConfig, *, bf16: bool, device: str, transformer_impl: str,
                          f"{transformer_impl} (see --transformer-impl)")
     if k.use_transformer_engine_op_fuser:
         _check_op_fuser(k, moe_activation, expert_tp)
+    if k.cuda_graph_impl != "none":
+        if k.cuda_graph_warmup_steps < 1:
+            raise ValueError(f"--cuda-graph-warmup-steps {k.cuda_graph_warmup_steps} must be >= 1 "
+                             f"(the capture reuses what eager iterations compiled and tuned)")
+        if g == "full":
+            raise ValueError(f"--cuda-graph-impl {k.cuda_graph_impl} and --recompute-granularity "
+                             f"full exclude each other (megatron-core graphs no recomputed layer)")
 
 
 def _check_op_fuser(k: KernelConfig, moe_activation: str, expert_tp: int) -> None:
@@ -190,7 +237,9 @@ def check_device(k: KernelConfig, capability: Optional[Tuple[int, int]]) -> None
         for flag, value in (("--fp8-format", k.fp8_format),
                             # megatron-core's checkpoint saves the CUDA RNG state
                             # (tensor_parallel/random.py, _get_all_rng_states)
-                            ("--recompute-granularity", k.recompute_granularity)):
+                            ("--recompute-granularity", k.recompute_granularity),
+                            ("--cuda-graph-impl", None if k.cuda_graph_impl == "none"
+                             else k.cuda_graph_impl)):
             if value is not None:
                 raise ValueError(f"{flag} {value} needs CUDA; this run is on the CPU")
         return

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, ColocatedIterator, model_inputs
 from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
+from examples.mimo.training.hetero.graphs import CudaGraphs
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
 from examples.mimo.training.hetero.config import describe
 from examples.mimo.training.hetero.errors import TrainingDiverged
@@ -84,6 +85,19 @@ def log_workarounds() -> None:
               flush=True)
 
 
+def language_graphs(rt: Runtime, optimizer) -> Optional[CudaGraphs]:
+    """The language model's CUDA graphs (--cuda-graph-impl) on ranks that hold it, else None."""
+    llm = rt.branches.get(LANGUAGE)
+    if rt.cfg.kernels.cuda_graph_impl == "none" or llm is None:
+        return None
+    b = rt.cfg.batch
+    return CudaGraphs(rt.cfg.kernels, llm=llm, config=rt.model_provider.module_config(llm.module),
+                      pg_collection=rt.topology.module_pgc(LANGUAGE), seq_length=b.seq_length,
+                      micro_batch_size=b.micro_batch_size, global_batch_size=b.global_batch_size,
+                      data_parallel_size=rt.cfg.grid.llm_dp, optimizer=optimizer,
+                      rank=dist.get_rank())
+
+
 def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
     """Run the configured iterations; returns the StepResults (losses only on the logging rank).
     ``startup``: the clock started with the process (train_hetero), else one started here."""
@@ -116,6 +130,7 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
     if not restored and (ck.load_language_from or ck.load_vision_from):
         load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
                         vision_from=ck.load_vision_from)
+    cuda_graphs = language_graphs(rt, optimizer)
     log_workarounds()
     startup.lap("data and checkpoint")
     log = interval_logger(rt)
@@ -153,6 +168,9 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
 
     try:
         while state.iteration < cfg.schedule.train_iters:
+            line = cuda_graphs.before_step(len(results)) if cuda_graphs else None
+            if line and dist.get_rank() == 0:
+                print(line, flush=True)
             profiler.before_step(state.iteration)
             result = train_step(rt=rt, optimizer=optimizer, scheduler=scheduler,
                                 grad_sync=grad_sync, data_iterator=timed_data, timers=timers)
@@ -194,5 +212,7 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
         exits.finish()
     finally:
         log.close()
+        if cuda_graphs:
+            cuda_graphs.close()
     report_peak_memory(rank=dist.get_rank(), module=rt.topology.module_name, device=rt.device)
     return results

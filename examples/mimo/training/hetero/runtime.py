@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from datetime import timedelta
 from typing import Dict, Optional
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from examples.mimo.data import DATA_PROVIDERS
 from examples.mimo.interfaces import DataProvider, ModelFacts, ModelProvider
 from examples.mimo.model_providers import MODEL_PROVIDERS
-from examples.mimo.training.hetero import compat, kernels
+from examples.mimo.training.hetero import compat, graphs, kernels
 from examples.mimo.training.hetero.config import TrainConfig
 from examples.mimo.training.hetero.device import init_distributed, resolve_device, seed_all
 from examples.mimo.training.hetero.timers import StartupClock
@@ -60,8 +61,10 @@ def build_runtime(cfg: TrainConfig, *, startup: Optional[StartupClock] = None) -
         raise ValueError(f"--bf16 needs CUDA, but --device {cfg.runtime.device} resolved to {kind}")
     dtype = torch.bfloat16 if cfg.runtime.bf16 else torch.float32
     kernels.check_device(cfg.kernels, torch.cuda.get_device_capability() if kind == "cuda" else None)
+    graphs.check_environment(cfg.kernels, os.environ)
     timeout = timedelta(minutes=cfg.runtime.distributed_timeout_minutes)
     device = init_distributed(kind, cfg.runtime.distributed_timeout_minutes)
+    graphs.use_side_stream(cfg.kernels)
     compat.apply_startup(backend=dist.get_backend(), timeout=timeout, mamba=facts.uses_mamba)
     topology = Topology(cfg.grid, timeout=timeout, pipeline_dtype=dtype)
     startup.lap("process groups")
@@ -69,7 +72,7 @@ def build_runtime(cfg: TrainConfig, *, startup: Optional[StartupClock] = None) -
 
     own = topology.module_pgc(topology.module_name)
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
-             etp_rank=own.expt_tp.rank())
+             etp_rank=own.expt_tp.rank(), graph_safe=cfg.kernels.cuda_graph_impl != "none")
     model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length,
                            device=device, kernels=cfg.kernels)
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as

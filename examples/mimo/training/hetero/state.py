@@ -41,16 +41,38 @@ class RNGState:
     def state_dict(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
             state["cuda"] = torch.cuda.get_rng_state()
-            state["tracker"] = get_cuda_rng_tracker().get_states()
+            state["tracker"] = tracker_states()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and self.device.type == "cuda":
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
             torch.cuda.set_rng_state(state["cuda"])
-            get_cuda_rng_tracker().set_states(state["tracker"])
+            set_tracker_states(state["tracker"])
+
+
+def tracker_states() -> dict:
+    """A copy of megatron's CUDA RNG tracker's states as tensors. The graph-safe tracker CUDA
+    graphs need (graphs.py) holds torch.Generator objects, which advance in place and which a
+    checkpoint's weights_only load refuses; the plain tracker holds state tensors."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {name: state.get_state() if isinstance(state, torch.Generator) else state.clone()
+            for name, state in get_cuda_rng_tracker().get_states().items()}
+
+
+def set_tracker_states(saved: dict) -> None:
+    """Restores ``tracker_states()``'s tensors into either kind of tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    current = tracker.get_states()
+    if any(isinstance(state, torch.Generator) for state in current.values()):
+        if set(saved) != set(current):
+            raise ValueError(f"RNG tracker states {sorted(saved)} do not match this run's "
+                             f"{sorted(current)}")
+        for name, generator in current.items():
+            generator.set_state(saved[name])
+    else:
+        tracker.set_states({name: state.clone() for name, state in saved.items()})
