@@ -105,7 +105,6 @@ class CudaGraphs:
                                         pg_collection=pg_collection)
         self.warmup_steps = k.cuda_graph_warmup_steps
         self.layers = len(self.helper.flattened_callables)
-        self.capture_s: Optional[float] = None
 
     def before_step(self, steps_done: int) -> Optional[str]:
         """Called before each iteration with the number this process has run; captures before
@@ -114,9 +113,8 @@ class CudaGraphs:
             return None
         start = time.perf_counter()
         self.helper.create_cudagraphs()  # zeroes the grads and MoE counters it dirtied
-        self.capture_s = time.perf_counter() - start
         return (f"CUDA graphs: {self.layers} language-model layers captured after "
-                f"{steps_done} eager iterations in {self.capture_s:.1f} s")
+                f"{steps_done} eager iterations in {time.perf_counter() - start:.1f} s")
 
     def close(self) -> None:
         if self.helper.graphs_created():

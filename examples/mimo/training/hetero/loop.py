@@ -10,13 +10,13 @@ import torch.distributed as dist
 from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, ColocatedIterator, model_inputs
 from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
-from examples.mimo.training.hetero.graphs import CudaGraphs
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
 from examples.mimo.training.hetero.config import describe
 from examples.mimo.training.hetero.errors import TrainingDiverged
 from examples.mimo.training.hetero.evaluation import evaluate
 from examples.mimo.training.hetero.exits import ExitConditions
 from examples.mimo.training.hetero.grad_sync import GradSync
+from examples.mimo.training.hetero.graphs import CudaGraphs
 from examples.mimo.training.hetero.logger import DataWait, IntervalLogger, report_peak_memory
 from examples.mimo.training.hetero.optim import build_optimizer, build_scheduler
 from examples.mimo.training.hetero.profiling import Profiler

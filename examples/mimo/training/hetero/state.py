@@ -75,4 +75,4 @@ def set_tracker_states(saved: dict) -> None:
         for name, generator in current.items():
             generator.set_state(saved[name])
     else:
-        tracker.set_states({name: state.clone() for name, state in saved.items()})
+        tracker.set_states(dict(saved))  # tracker_states() and a load hand over copies already
