@@ -9,14 +9,19 @@ function entrypoint), which then run MODULE as ``__main__`` with the same enviro
 gives them. Only the tests use it: users and the end-to-end launcher tests run the real torchrun.
 """
 
+import faulthandler
 import os
 import runpy
+import signal
 import sys
-import uuid
 import warnings
 
 
 def _rank_main(module: str, argv: list) -> None:
+    # The agent stops the ranks with SIGTERM when one failed; its Python handler never runs in a
+    # rank blocked in C (a store wait), so each rank first prints where its threads were.
+    # train_hetero's own exit-signal handler, once installed, replaces this one.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     sys.argv = [module, *argv]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -31,6 +36,7 @@ def _rank_main(module: str, argv: list) -> None:
 
 
 def main() -> None:
+    from torch.distributed import TCPStore
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
 
@@ -38,10 +44,14 @@ def main() -> None:
     if not args.module:
         sys.exit("fork_run: only -m MODULE entrypoints")
     if args.standalone:
-        # torch.distributed.run.run() does this before config_from_args(), which alone would
-        # ignore --standalone and bind the static master port: a c10d store on a port the OS
-        # picks as it binds, so no port chosen beforehand can be taken by another job.
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        # A port the OS picks as the agent's store binds it, so no port chosen beforehand can be
+        # taken by the other pytest worker's job. Not torchrun's own --standalone: its c10d
+        # rendezvous forks the ranks beside a keep-alive thread and a second store, and under it
+        # one CI job's fourth rank never reached the default group's store (not reproduced
+        # since). The static rendezvous's store (multi_tenant) reuses this server, which lives
+        # as long as this local: until the job ends.
+        store = TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+        args.standalone, args.master_addr, args.master_port = False, "127.0.0.1", store.port
     with warnings.catch_warnings():  # shown once per job anyway (quiet_library_warnings)
         warnings.simplefilter("ignore")
         import examples.mimo.train_hetero  # noqa: F401

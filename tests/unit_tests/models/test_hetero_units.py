@@ -2,6 +2,7 @@
 seams, the dry run and one-line configuration errors. No process group, no torchrun."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,8 +224,8 @@ def test_the_test_launcher_starts_its_jobs_on_no_port_chosen_in_advance(monkeypa
     """Seen in a clean-clone CI run: free_port() returned a free port, another process (the other
     pytest worker's job) bound it before torchrun's agent did, and test_projector_only_checkpoint
     failed with EADDRINUSE at the rendezvous, before any rank ran. The harness now launches with
-    --standalone, which fork_run must honour: torch.distributed.run.run() turns it into a c10d
-    store on port 0, config_from_args() alone binds the static --master-port."""
+    --standalone, which fork_run must honour by binding its store on a port of the OS's choosing
+    (config_from_args() alone binds the static --master-port)."""
     import socket
     import subprocess
     import sys
@@ -245,6 +246,29 @@ def test_the_test_launcher_starts_its_jobs_on_no_port_chosen_in_advance(monkeypa
                                 env=dist_harness.job_env(), capture_output=True, text=True,
                                 timeout=120)
         assert direct.returncode == 0, direct.stderr[-3000:]
+
+
+def test_a_rank_the_test_launcher_stops_prints_where_it_was(tmp_path):
+    """Seen in CI: three ranks timed out waiting for a fourth at the default group's store, and
+    the fourth, blocked in C, said nothing before it was killed. Each rank now prints its threads'
+    stacks when the agent stops it."""
+    from tests.unit_tests.models import dist_harness
+
+    (tmp_path / "stuck_or_failing.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    time.sleep(2)\n"
+        "    sys.exit(3)\n"
+        "time.sleep(120)\n")
+    env = dist_harness.job_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "tests.unit_tests.models.fork_run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "stuck_or_failing"],
+                          cwd=dist_harness.ROOT, env=env, capture_output=True, text=True,
+                          timeout=100)
+    assert proc.returncode != 0
+    stopped = 'stuck_or_failing.py", line 5'  # rank 0's sleep
+    assert "most recent call first" in proc.stderr and stopped in proc.stderr, proc.stderr[-3000:]
 
 
 def test_the_start_up_line_takes_the_slowest_rank_per_phase():
