@@ -15,7 +15,8 @@ the two differ by more than the 2 % the ratio is judged by: the host drifted). W
 --yardstick-rounds R the two loops alternate R times (M O M ... O M), each of our runs is judged
 by the two around it, and the verdict is the rounds' mean ratio with 95 % confidence bounds.
 With --profile the last megatron.training run is profiled too, by megatron's own profiler
-(compare_traces.py sets the two traces side by side). Runs on CPU as a smoke test (--device cpu among the flags; no yardstick there).
+(compare_traces.py sets the two traces side by side). Runs on CPU as a smoke test (--device cpu
+among the flags; no yardstick there).
 """
 
 from __future__ import annotations

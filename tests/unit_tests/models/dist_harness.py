@@ -30,14 +30,15 @@ def job_env(**extra: str) -> dict:
 
 
 def torchrun(nproc: int, module: str, args: List[str], *, timeout: float = 300,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """torchrun ``-m module args`` from the repo root, with a hard timeout; the ranks are forked
     from an agent that has imported megatron-core (fork_run.py). ``--standalone``: the agent's
     rendezvous store binds a port the OS picks as it binds; a port chosen beforehand could be
-    taken by the other pytest worker's job first (seen in CI as EADDRINUSE)."""
+    taken by the other pytest worker's job first (seen in CI as EADDRINUSE). ``env``: the
+    processes' environment, job_env()'s by default."""
     cmd = [sys.executable, "-m", "tests.unit_tests.models.fork_run", "--standalone",
            "--nproc-per-node", str(nproc), "-m", module, *args]
-    proc = _launch(cmd, job_env(PYTHONUNBUFFERED="1"), timeout)
+    proc = _launch(cmd, job_env(PYTHONUNBUFFERED="1") if env is None else env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

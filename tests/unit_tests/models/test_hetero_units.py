@@ -262,10 +262,7 @@ def test_a_rank_the_test_launcher_stops_prints_where_it_was(tmp_path):
         "time.sleep(120)\n")
     env = dist_harness.job_env()
     env["PYTHONPATH"] += os.pathsep + str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "tests.unit_tests.models.fork_run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "stuck_or_failing"],
-                          cwd=dist_harness.ROOT, env=env, capture_output=True, text=True,
-                          timeout=100)
+    proc = dist_harness.torchrun(2, "stuck_or_failing", [], timeout=100, check=False, env=env)
     assert proc.returncode != 0
     stopped = 'stuck_or_failing.py", line 5'  # rank 0's sleep
     assert "most recent call first" in proc.stderr and stopped in proc.stderr, proc.stderr[-3000:]

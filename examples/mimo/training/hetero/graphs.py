@@ -36,6 +36,9 @@ def validate(k: KernelConfig, *, facts: ModelFacts, llm_pp: int, packs_sequences
         return
     impl, modules = f"--cuda-graph-impl {k.cuda_graph_impl}", set(k.cuda_graph_modules)
     shown = " ".join(k.cuda_graph_modules) or "(whole layers)"
+    if k.cuda_graph_warmup_steps < 1:
+        raise ValueError(f"--cuda-graph-warmup-steps {k.cuda_graph_warmup_steps} must be >= 1 "
+                         f"(the capture reuses what eager iterations compiled and tuned)")
     if llm_pp > 1:
         raise ValueError(f"{impl} needs --llm-pp 1 (got {llm_pp}): one graph per layer serves "
                          f"every micro-batch only on the schedule's last stage")
@@ -64,6 +67,9 @@ def validate(k: KernelConfig, *, facts: ModelFacts, llm_pp: int, packs_sequences
         raise ValueError(f"--cuda-graph-modules {shown}: moe_preprocess copies token counts to "
                          f"the host when --moe-expert-capacity-factor is set without "
                          f"--moe-pad-expert-input-to-capacity")
+    if k.recompute_granularity == "full":
+        raise ValueError(f"{impl} and --recompute-granularity full exclude each other "
+                         f"(megatron-core graphs no recomputed layer)")
     if (k.recompute_granularity == "selective" and "moe" in k.recompute_modules
             and "moe_router" in modules):
         raise ValueError(f"--recompute-modules moe and --cuda-graph-modules {shown} exclude each "

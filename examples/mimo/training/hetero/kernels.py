@@ -207,13 +207,6 @@ def validate(k: KernelConfig, *, bf16: bool, device: str, transformer_impl: str,
                          f"{transformer_impl} (see --transformer-impl)")
     if k.use_transformer_engine_op_fuser:
         _check_op_fuser(k, moe_activation, expert_tp)
-    if k.cuda_graph_impl != "none":
-        if k.cuda_graph_warmup_steps < 1:
-            raise ValueError(f"--cuda-graph-warmup-steps {k.cuda_graph_warmup_steps} must be >= 1 "
-                             f"(the capture reuses what eager iterations compiled and tuned)")
-        if g == "full":
-            raise ValueError(f"--cuda-graph-impl {k.cuda_graph_impl} and --recompute-granularity "
-                             f"full exclude each other (megatron-core graphs no recomputed layer)")
 
 
 def _check_op_fuser(k: KernelConfig, moe_activation: str, expert_tp: int) -> None:
