@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Tuple, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -146,6 +146,10 @@ class DataProvider(Protocol):
 
     def packs_sequences(self, cfg) -> bool:
         """Whether micro-batches carry several samples per row (packed_seq_params)."""
+
+    def notes(self, cfg, *, llm_dp: int) -> List[str]:
+        """Lines rank 0 logs at start-up (and --dry-run shows): what the settings do to the
+        data, e.g. how far a pass over the split is from reading every sample once."""
 
     def build_iterator(self, cfg, *, spec: DataSpec, rank: RankData,
                        to_model: Callable[[dict], dict], split: str = "train") -> "DataIterator":

@@ -15,6 +15,7 @@ How it fails:
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -33,6 +34,7 @@ def quiet_library_warnings(show: bool) -> None:
 
 def check(argv, world_size: int):
     """Parse and validate flags and checkpoint paths; ConfigError (one line) on bad input."""
+    from examples.mimo.data import DATA_PROVIDERS
     from examples.mimo.model_providers import MODEL_PROVIDERS
     from examples.mimo.training.hetero.checkpointing import preflight
     from examples.mimo.training.hetero.config import parse_config
@@ -41,6 +43,7 @@ def check(argv, world_size: int):
     try:
         cfg = parse_config(argv, world_size=world_size)
         notes = preflight(cfg, MODEL_PROVIDERS[cfg.model_provider].checkpoint_must_match(cfg.model))
+        notes += DATA_PROVIDERS[cfg.data_provider].notes(cfg.data, llm_dp=cfg.grid.llm_dp)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg, notes
@@ -50,9 +53,10 @@ def dry_run_report(cfg, notes) -> str:
     from examples.mimo.model_providers import MODEL_PROVIDERS
     from examples.mimo.training.hetero.config import describe
 
-    resume = "\n".join(notes) or (f"checkpoints: resume from {cfg.ckpt.load}" if cfg.ckpt.load
-                                  else "checkpoints: none to resume")
-    return describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)) + "\n" + resume
+    default = f"checkpoints: resume from {cfg.ckpt.load}" if cfg.ckpt.load \
+        else "checkpoints: none to resume"
+    lines = notes if any(n.startswith("resuming") for n in notes) else [default, *notes]
+    return "\n".join([describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)), *lines])
 
 
 def main(argv=None) -> None:
@@ -67,17 +71,21 @@ def main(argv=None) -> None:
         if rank == 0:
             print(dry_run_report(cfg, notes))
         return
+    from examples.mimo.training.hetero import savelock
     from examples.mimo.training.hetero.ckpt_policy import remove_stale_saves
     from examples.mimo.training.hetero.loop import train
     from examples.mimo.training.hetero.runtime import build_runtime
 
     if rank == 0:
-        for line in notes + remove_stale_saves(cfg.ckpt.save):
+        # Before anything in --save is touched (the stale saves below could be a live job's).
+        took_over = savelock.hold(cfg.ckpt.save) if cfg.ckpt.save else None
+        for line in notes + [took_over] * bool(took_over) + remove_stale_saves(cfg.ckpt.save):
             print(line, flush=True)
     startup.lap("flags and imports")
     runtime = build_runtime(cfg, startup=startup)
     train(runtime, startup=startup)
     runtime.close()
+    savelock.release_held()
 
 
 def report_failure(rank: str, err: BaseException) -> None:
@@ -100,20 +108,38 @@ def report_failure(rank: str, err: BaseException) -> None:
 
 def run(argv=None) -> None:
     """main() for a torchrun worker: a failure ends this process at once."""
+    from examples.mimo.training.hetero import savelock
     from examples.mimo.training.hetero.errors import ConfigError
+    from examples.mimo.training.hetero.exits import die_with_parent
 
     rank = os.environ.get("RANK", "0")
+    # A launcher killed outright (kill -9, an OOM kill) cannot stop its ranks; without this they
+    # train on in their own sessions and keep writing into --save.
+    die_with_parent()
+    # Ctrl-C reaches the ranks from the launcher, which says so in one line: a rank ends at once
+    # and silently, as on SIGTERM, instead of each printing a KeyboardInterrupt from wherever
+    # it was. --exit-signal SIGINT installs its own handler later.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         main(argv)
     except SystemExit:
+        savelock.release_held()
         raise
     except ConfigError as err:
+        savelock.release_held()
         # Every rank finds the same error; rank 0 says it. The others wait so that torchrun,
         # stopping the job at the first exit, does not stop rank 0 before it printed, and speak
-        # only if they are still running then (rank 0 did not fail the same way).
+        # only if they are still running then (rank 0 did not fail the same way). Under the
+        # launcher the line goes to it (a race the launcher's own check could not see: another
+        # job took --save first), which prints it and exits 2.
         if rank != "0":
             time.sleep(5)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        where = os.environ.get("HETERO_FAILURE_DIR")
+        if where:
+            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "time": time.time(), "error": str(err), "status": 2}, f)
+        else:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         os._exit(2)
     except BaseException as err:
         report_failure(rank, err)
@@ -124,6 +150,7 @@ def run(argv=None) -> None:
 
         for child in multiprocessing.active_children():
             child.kill()
+        savelock.release_held()
         os._exit(1)
 
 

@@ -17,7 +17,7 @@ import argparse
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from examples.mimo.data.merge import LANE_BATCH, merge
 from examples.mimo.data.routing import LaneStreams, lane_set
@@ -53,7 +53,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="Loader worker processes per LLM lane (0: load in the training process).")
     g.add_argument("--packing-buffer-size", type=int, default=None,
                    help="Pack several samples per sequence, choosing from this many.")
-    g.add_argument("--shuffle-buffer-size", type=int, default=100)
+    g.add_argument("--shuffle-buffer-size", type=int, default=0,
+                   help="Samples shuffled in a buffer per loader worker (0: none; the order then "
+                        "comes from energon's per-pass shuffle of shard slices of "
+                        "--max-samples-per-sequence). energon fills the buffer across the end "
+                        "of a pass, so each pass then reads about this many samples per worker "
+                        "of the next one twice and misses as many (README: Data).")
     g.add_argument("--max-samples-per-sequence", type=int, default=100,
                    help="Samples read in a row from one shard before switching (energon).")
     g.add_argument("--data-error-policy", choices=ERROR_POLICIES, default="skip",
@@ -130,6 +135,18 @@ def validate(cfg: EnergonDataConfig, spec: DataSpec, seq_length: int, *, equal_i
         raise ValueError(f"--data-provider energon cannot feed {equal_images}: it needs the same "
                          f"image count on every encoder rank (use --encoder-dp <= --llm-dp, and "
                          f"equal DP sizes with --colocated)")
+
+
+def notes(cfg: EnergonDataConfig, *, llm_dp: int) -> List[str]:
+    """Start-up lines for the log (rank 0): what a shuffle buffer does to a pass, in numbers."""
+    if not cfg.shuffle_buffer_size:
+        return []
+    loaders = llm_dp * max(cfg.num_workers, 1)
+    return [f"data: --shuffle-buffer-size {cfg.shuffle_buffer_size} over {loaders} loader "
+            f"worker(s) ({llm_dp} lane(s) x {max(cfg.num_workers, 1)}): each pass over the split "
+            f"reads up to {cfg.shuffle_buffer_size * loaders} samples of the next pass and misses "
+            f"as many (energon shuffles across the repeat); --shuffle-buffer-size 0 reads every "
+            f"sample once per pass"]
 
 
 class _ErrorHandler:

@@ -68,6 +68,10 @@ def packs_sequences(cfg: MockDataConfig) -> bool:
     return False
 
 
+def notes(cfg: MockDataConfig, *, llm_dp: int) -> list:
+    return []
+
+
 def make_sample(index: int, *, cfg: MockDataConfig, spec: DataSpec, seq_length: int, seed: int,
                 with_images: bool) -> dict:
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)

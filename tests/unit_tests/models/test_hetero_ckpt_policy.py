@@ -82,6 +82,15 @@ def test_save_that_cannot_be_a_directory_is_found_at_start_up(tmp_path):
         policy.check_paths(config("--save", str(f / "deeper" / "ckpt")).ckpt)
 
 
+@pytest.mark.parametrize("save", ["/proc/hetero-x", "/sys/hetero-x"])
+def test_save_where_no_file_can_be_created_is_found_at_start_up(save):
+    """Before: permission bits said /proc and /sys were writable (root), so the job trained and
+    failed at its first save."""
+    with pytest.raises(ValueError, match=f"--save {save} cannot hold checkpoints: cannot create a "
+                                         f"file in /(proc|sys)"):
+        policy.check_paths(config("--save", save).ckpt)
+
+
 def test_pretrained_source_must_be_a_directory(tmp_path):
     with pytest.raises(ValueError, match="--load-language-from .* is not a directory"):
         policy.check_paths(config("--load-language-from", str(tmp_path / "nope")).ckpt)
@@ -108,6 +117,50 @@ def test_discovery_rejects_broken_checkpoints(tmp_path, damage, message):
     damage(tmp_path)
     with pytest.raises(CheckpointError, match=message):
         policy.find_checkpoint(str(tmp_path))
+
+
+def test_load_at_an_iteration_directory_loads_that_iteration(tmp_path):
+    """Before: --load run/iter_0000005 found no tracker there and trained from scratch (exit 0)."""
+    run = tmp_path / "run"
+    five = fake_checkpoint(run, 5)
+    fake_checkpoint(run, 9)
+    assert policy.find_checkpoint(str(five)) == (5, str(five))
+    # resuming the latest iteration through its directory is a resume of the run itself
+    policy.check_paths(config("--load", str(run / "iter_0000009"), "--save", str(run)).ckpt)
+    with pytest.raises(ValueError, match="--load .*iter_0000005 is an earlier iteration of --save "
+                                         ".*run .*latest: .*iter_0000009.*replace that run's later"):
+        policy.check_paths(config("--load", str(five), "--save", str(run)).ckpt)
+    policy.check_paths(config("--load", str(five), "--save", str(tmp_path / "branch")).ckpt)
+
+
+def test_load_at_the_folder_above_runs_is_refused_naming_them(tmp_path):
+    """Before: --load at the folder holding runs found no tracker and trained from scratch."""
+    fake_checkpoint(tmp_path / "a", 3)
+    fake_checkpoint(tmp_path / "b", 4)
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds no checkpoint of its own but runs "
+                                              f"below it \\({tmp_path}/a, {tmp_path}/b\\): point "
+                                              f"--load at one of them"):
+        policy.find_checkpoint(str(tmp_path))
+
+
+def test_retention_keeps_the_newest_the_resumed_and_the_known_good(tmp_path):
+    for i in (2, 4, 6, 8, 10):
+        fake_checkpoint(tmp_path, i)
+    victims = policy.retention_victims(str(tmp_path), 2, protected={4, 8})
+    assert victims == [str(tmp_path / "iter_0000002"), str(tmp_path / "iter_0000006")]
+    # the tracker's iteration is kept whatever it is
+    (tmp_path / policy.TRACKER).write_text("2")
+    assert policy.retention_victims(str(tmp_path), 1, protected=()) == \
+        [str(tmp_path / f"iter_{i:07d}") for i in (4, 6, 8)]
+    assert policy.retention_victims(str(tmp_path), 0, protected=()) == []
+    # a deletion is a rename out of the run first; one cut short is cleared by the next job
+    policy.remove_checkpoint(str(tmp_path / "iter_0000004"))
+    (tmp_path / ".trash-iter_0000006").mkdir()
+    assert policy.remove_stale_saves(str(tmp_path)) == [
+        f"removed {tmp_path}/.trash-iter_0000006: an incomplete deletion left by an earlier job"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000006", "iter_0000008",
+                                            "iter_0000010", policy.TRACKER]
 
 
 def test_a_failed_save_does_not_block_the_relaunch(tmp_path):
@@ -184,6 +237,14 @@ def test_global_batch_must_divide_the_consumed_samples():
     found = problems([], new, consumed=24)
     assert found == ["--global-batch-size 16 does not divide the checkpoint's 24 consumed samples"]
     assert problems([], new, consumed=32) == []
+
+
+def test_a_checkpoint_without_optimizer_state_says_to_leave_it_out():
+    """Before: the load failed with a 6,000-character list of missing optimizer keys."""
+    found = problems(["--save", "ckpt", "--no-save-optim"], [])
+    assert found == ["the checkpoint was saved with --no-save-optim and has no optimizer state: "
+                     "pass --no-load-optim (a fresh optimizer) or --finetune"]
+    assert problems(["--save", "ckpt", "--no-save-optim"], ["--no-load-optim"]) == []
 
 
 def test_changed_settings_are_listed_for_the_log():

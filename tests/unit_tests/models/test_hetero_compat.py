@@ -10,7 +10,9 @@ fails without it (the training path it exists for):
                                        test_hetero_failures::test_stopped_peer_ends_within_the_timeout
     colocated_bridge_groups            test_hetero_parity::test_fan_in_matches_reference (colocated,
                                        encoder and LLM DP sizes differ)
-    refuse_pickled_checkpoint_objects  the probe below, through dist_checkpointing.load
+    refuse_pickled_checkpoint_objects  the probe below, through dist_checkpointing.load and
+                                       load_common_state_dict; test_hetero_failures::
+                                       test_loading_a_checkpoint_never_runs_code_from_it
     param_groups_within                test_hetero_checkpoint::test_projector_only_checkpoint
                                        (a frozen LLM branch: its ranks never join the gather)
     torch_adam_checkpoint_load         test_hetero_checkpoint::test_resume_is_bit_exact
@@ -21,8 +23,10 @@ fails without it (the training path it exists for):
     sequence_parallel_torch_norm       test_hetero_nemotron::test_sequence_parallel_tp2_matches_tp1
     import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
     packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
-    signal_proof_checkpoint_writer     test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
-                                       (the requeue's SIGTERM reaches every process of the step)
+    checkpoint_writer_server           test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
+                                       (the requeue's SIGTERM reaches every process of the step);
+                                       test_hetero_jobs (no process left after a killed job)
+    launcher_shutdown_grace            test_hetero_jobs::test_a_stopped_rank_ends_the_job_...
     num_microbatches_for_cuda_graphs   test_hetero_gpu_te::test_cuda_graphs_replay_the_eager_losses_...
                                        (the capture reads the global micro-batch count)
 """
@@ -32,6 +36,7 @@ import inspect
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -44,7 +49,7 @@ PROBED = ["global_memory_buffer", "bridge_groups", "colocated_bridge_groups",
           "refuse_pickled_checkpoint_objects",
           "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
           "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors",
-          "signal_proof_checkpoint_writer", "sequence_parallel_torch_norm"]
+          "checkpoint_writer_server", "sequence_parallel_torch_norm"]
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +63,31 @@ def probes(tmp_path_factory):
 def test_every_workaround_has_a_probe():
     public = {name for name, fn in inspect.getmembers(compat, callable)  # lru_cache'd ones too
               if getattr(fn, "__module__", None) == compat.__name__ and not name.startswith("_")}
-    assert public - {"active", "version_note", "apply_startup"} == \
+    assert public - {"active", "version_note", "apply_startup", "read_checkpoint_metadata"} == \
         set(PROBED) | {"import_mamba_triton_kernels", "packed_mamba_mixer",
-                       "num_microbatches_for_cuda_graphs"}
+                       "num_microbatches_for_cuda_graphs", "launcher_shutdown_grace"}
+
+
+def test_canary_torchrun_still_stops_ranks_with_its_fixed_grace():
+    from torch.distributed.elastic.multiprocessing import api
+
+    assert "self.close()" in inspect.getsource(api.SubprocessContext._poll), \
+        "torch's agent now passes a grace when it stops the ranks: remove compat.launcher_shutdown_grace"
+
+
+def test_launcher_shutdown_grace_caps_every_close():
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    real, seen = PContext.close, []
+    context = types.SimpleNamespace(_close=lambda death_sig, timeout: seen.append(timeout),
+                                    _tail_logs=[], filtered_stdout=None, filtered_stderr=None)
+    try:
+        compat.launcher_shutdown_grace(5)
+        PContext.close(context)
+        PContext.close(context, timeout=2)
+    finally:
+        PContext.close = real
+    assert seen == [5, 2]
 
 
 def test_canary_te_cuda_graph_capture_still_reads_the_global_micro_batch_count():

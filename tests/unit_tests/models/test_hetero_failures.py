@@ -69,6 +69,20 @@ def test_bad_flags_are_one_line_before_any_process_starts(tmp_path):
     assert "exitcode: 2" in direct.stderr and "Traceback" not in direct.stderr.split("error:")[0]
 
 
+def test_a_trainer_flag_before_the_separator_says_where_it_belongs(capsys):
+    """Before: torchrun's 19-line usage."""
+    from examples.mimo.launch import main
+
+    assert main(["--standalone", "--nproc-per-node", "2", "--train-iters", "5", "--"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --train-iters: a train_hetero flag before `--`, where torchrun's go; put it after "
+        "`--` (python -m examples.mimo.launch [torchrun flags] -- [train_hetero flags])"]
+    assert main(["--nproc-per-node", "2", "--bogus", "--"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: torchrun does not take --bogus (before `--`; python -m examples.mimo.launch "
+        "[torchrun flags] -- [train_hetero flags])"]
+
+
 def test_a_typo_in_load_leaves_the_run_untouched(saved, tmp_path):
     """Before: --load of a missing directory started from iteration 0 and --save replaced the
     run's iter_N and tracker."""
@@ -101,7 +115,7 @@ def test_a_diverging_run_stops_without_saving_garbage(tmp_path):
     diverged weights. Here skips start after the save at 3: the save at 6 falls in the streak
     and is withheld, and the job stops at the 4th skip in a row."""
     ckpt = tmp_path / "ckpt"
-    proc = launch(2, [*BASE, "--lr", "1e4", "--train-iters", "30", "--save", str(ckpt),
+    proc = launch(2, [*BASE, "--lr", "1e4", "--no-check-for-spiky-loss", "--train-iters", "30", "--save", str(ckpt),
                       "--save-interval", "3", "--max-consecutive-skipped-iters", "4"])
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -115,6 +129,73 @@ def test_a_diverging_run_stops_without_saving_garbage(tmp_path):
     assert "not saving iteration 6: the last" in proc.stdout
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert sorted(os.listdir(ckpt)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_finite_but_diverging_run_stops_and_withdraws_the_checkpoint_of_its_weights(tmp_path):
+    """Before: --lr 100 took the loss from 5.6 to 1e4-3e5 with no skipped iteration, exited 0 and
+    left the diverged weights as the latest checkpoint. Warm-up makes iteration 2 the first
+    update: its weights, saved as iteration 2, give iteration 3's loss, which stops the run."""
+    ckpt = tmp_path / "ckpt"
+    proc = launch(2, [*BASE, "--lr", "100", "--lr-warmup-iters", "2", "--train-iters", "30",
+                      "--save", str(ckpt), "--save-interval", "1", "--keep-latest-checkpoints", "1"])
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    match = re.match(r"error: rank \d failed first: iteration 3: lm loss ([\d.e+]+) is over 10 x "
+                     r"the largest of the last 100 iterations \(([\d.]+); --check-for-spiky-loss, "
+                     r"--spiky-loss-factor\): the run diverged; stopping without a save; its weights "
+                     r"were saved as iteration 2: moved to (\S+), latest is now iteration 1 ", last)
+    assert match, last
+    assert float(match.group(1)) > 10 * float(match.group(2)) and 5 < float(match.group(2)) < 6
+    assert match.group(3) == str(ckpt / "diverged-iter_0000002")
+    assert sorted(os.listdir(ckpt)) == ["diverged-iter_0000002", "iter_0000001",
+                                        "latest_checkpointed_iteration.txt"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_loading_a_checkpoint_never_runs_code_from_it(saved, tmp_path):
+    """Before: a .metadata pickle whose __reduce__ calls os.system ran in the launcher's start-up
+    check (--dry-run included), before any checksum; a truncated one gave two torch tracebacks.
+    Now the small files are checked against checksums.json before anything is parsed, and
+    .metadata goes through an allow-list of torch's metadata classes, so a forged checksums.json
+    does not make a pickle trusted."""
+    import json
+    import pickle
+    import zlib
+
+    from examples.mimo.train_hetero import check
+    from examples.mimo.training.hetero.errors import ConfigError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    ckpt = copy_of(saved, tmp_path)
+    it = ckpt / "iter_0000002"
+    real = (it / ".metadata").read_bytes()
+
+    def plant(data, forge):
+        (it / ".metadata").write_bytes(data)
+        if forge:
+            manifest = json.loads((it / "checksums.json").read_text())
+            manifest[".metadata"] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+            (it / "checksums.json").write_text(json.dumps(manifest))
+
+    plant(pickle.dumps(Payload()), forge=False)
+    proc = launch(2, BASE + ["--train-iters", "4", "--load", str(ckpt), "--dry-run"], timeout=60)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (
+        2, f"error: {it} is damaged: {it}/.metadata has {len(pickle.dumps(Payload()))} bytes, "
+           f"{len(real)} were written")
+    for data, message in ((pickle.dumps(Payload()), f"refusing to unpickle {it}/.metadata: it "
+                           f"names posix.system, which is not checkpoint metadata"),
+                          (real[:len(real) // 2], f"{it}/.metadata is not a readable checkpoint "
+                           f"metadata file (pickle data was truncated)")):
+        plant(data, forge=True)
+        with pytest.raises(ConfigError) as err:
+            check(BASE + ["--train-iters", "4", "--load", str(ckpt), "--dry-run"], world_size=2)
+        assert str(err.value) == message
+    assert not marker.exists()
 
 
 def test_a_damaged_shard_is_named_and_nothing_is_trained(saved, tmp_path):

@@ -71,14 +71,18 @@ def test_projector_only_stage(tmp_path):
 
 
 def test_launcher_script_trains(tmp_path):
-    """The README's main command, end to end: loss falls over the run."""
+    """The README's main command, end to end: loss falls over the run. Run from another
+    directory, its relative paths are the caller's (before: the repository root's)."""
     metrics = tmp_path / "m.jsonl"
+    script = str(ROOT / "examples/mimo/scripts/run_hetero_mock_train.sh")
     env = dict(os.environ, HETERO_PYTHON=sys.executable, HETERO_TIMEOUT_S="600")
-    proc = subprocess.run(["bash", "examples/mimo/scripts/run_hetero_mock_train.sh",
-                           "--train-iters", "20", "--metrics-file", str(metrics)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=660)
+    proc = subprocess.run(["bash", script, "--train-iters", "20", "--metrics-file", "m.jsonl",
+                           "--save", "ckpt"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=660)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "iteration       20/      20" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000020",
+                                                     "latest_checkpointed_iteration.txt"]
     # once, from rank 0, after the first iteration: where the time before training went
     assert len(re.findall(r"^start-up, slowest rank per phase: flags and imports [\d.]+ s, process "
                           r"groups [\d.]+ s, model [\d.]+ s, DDP [\d.]+ s, optimizer [\d.]+ s, data "
@@ -90,6 +94,10 @@ def test_launcher_script_trains(tmp_path):
     losses = [r["lm_loss"] for r in read_json_lines(metrics)]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    # The script's WSD defaults give way to a schedule of the caller's (before: refused).
+    cosine = subprocess.run(["bash", script, "--lr-decay-style", "cosine", "--dry-run"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cosine.returncode == 0, cosine.stderr[-2000:]
 
 
 @pytest.mark.parametrize("nproc,grid", [

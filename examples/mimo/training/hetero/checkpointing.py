@@ -32,22 +32,27 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch
-from examples.mimo.training.hetero import compat
+from examples.mimo.training.hetero import compat, savelock
 from examples.mimo.training.hetero.ckpt_policy import (
     CHECKPOINT_VERSION,
     TRACKER,
     changed_settings,
     check_paths,
     checksum_files,
+    complete_iterations,
     damaged_files,
     files_written_by,
     find_checkpoint,
     is_complete,
     iteration_dir,
     read_manifest,
+    remove_checkpoint,
     resume_problems,
+    retention_victims,
     same_layout,
+    verify_metadata_files,
     write_manifest,
+    write_tracker,
 )
 from examples.mimo.training.hetero.errors import CheckpointError
 from examples.mimo.training.hetero.runtime import Runtime, branch
@@ -95,6 +100,9 @@ def read(template: dict, path: str, what: str, **kwargs):
 
 
 def read_common(path: str) -> dict:
+    # Parsed here first: a damaged or foreign .metadata is then one line, not torch's two
+    # tracebacks (it retries with per-rank metadata files that never exist).
+    compat.read_checkpoint_metadata(os.path.join(path, ".metadata"))
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as err:
@@ -111,10 +119,12 @@ def preflight(cfg, model_must_match: dict) -> List[str]:
     check_paths(cfg.ckpt)
     if cfg.ckpt.load is None:
         return []
+    compat.refuse_pickled_checkpoint_objects()  # before the first byte of a checkpoint is read
     try:
         found = find_checkpoint(cfg.ckpt.load)
         if found is None:
             return []
+        verify_metadata_files(found[1])
         common = read_common(found[1])
     except CheckpointError as err:
         raise ValueError(str(err)) from err
@@ -136,6 +146,8 @@ class Checkpointer:
         self.common = {"train_state": train_state, "scheduler": scheduler}
         # One object per rank position: restored only on the layout that wrote it.
         self.per_rank = {"rng": RNGState(rt.device)}
+        self.resumed_from: Optional[int] = None  # never removed by --keep-latest-checkpoints
+        self.last_saved: Optional[int] = None
         (self.per_rank if data.per_rank else self.common)["data"] = data
 
     # ---- state ----------------------------------------------------------------------------
@@ -177,12 +189,17 @@ class Checkpointer:
         final = iteration_dir(ck.save, iteration)
         tmp = final + ".tmp"
         failure = None
+        lock = savelock.held()
         if rank == 0:
             try:
+                if lock is not None:
+                    lock.check()
                 shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save of it left
                 os.makedirs(tmp)
             except OSError as err:
                 failure = describe(err)
+            except CheckpointError as err:
+                failure = str(err)
         failure = _agree(failure)
         hashing = 0.0
         entries: Dict[str, dict] = {}
@@ -210,9 +227,13 @@ class Checkpointer:
             if rank == 0:
                 try:
                     write_manifest(tmp, {k: v for part, _ in gathered for k, v in part.items()})
+                    if lock is not None:
+                        lock.check()
                     self._publish(tmp, final, iteration)
                 except OSError as err:
                     failure = describe(err)
+                except CheckpointError as err:
+                    failure = str(err)
             failure = _agree(failure)
         if failure is not None:
             if rank == 0:
@@ -224,22 +245,48 @@ class Checkpointer:
             print(f"saved {final} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.2f} s "
                   f"(checksums: {max(t for _, t in gathered):.3f} s on the slowest rank)",
                   flush=True)
+            if ck.keep_latest_checkpoints:
+                self._retain(iteration)
+        self.last_saved = iteration
         return final
 
     @staticmethod
     def _publish(tmp: str, final: str, iteration: int) -> None:
-        root = os.path.dirname(final)
         old = final + ".old"
         if os.path.exists(final):  # the same iteration saved again (--allow-existing-save)
             os.replace(final, old)
         os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        write_tracker(os.path.dirname(final), iteration)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _retain(self, iteration: int) -> None:
+        """--keep-latest-checkpoints, after a save published ``iteration`` (rank 0). The previous
+        save of this job is the newest one known good: the iterations since passed the
+        divergence check (or, without it, it is the last one before this)."""
+        ck = self.rt.cfg.ckpt
+        protected = {i for i in (self.resumed_from, self.last_saved) if i is not None}
+        for path in retention_victims(ck.save, ck.keep_latest_checkpoints, protected):
+            try:
+                remove_checkpoint(path)
+                done = "removed"
+            except OSError as err:  # a full or read-only file system: the run goes on
+                done = f"could not remove ({err.strerror or err})"
+            print(f"{done} {path} (--keep-latest-checkpoints {ck.keep_latest_checkpoints})",
+                  flush=True)
+
+    def withdraw(self, iteration: int) -> str:
+        """The run diverged after this job saved ``iteration``, whose weights produced the spike:
+        its directory moves aside (kept for a look, never loaded) and the tracker goes back to
+        the newest earlier checkpoint. Every rank returns the same sentence; rank 0 acts."""
+        save = self.rt.cfg.ckpt.save
+        path = iteration_dir(save, iteration)
+        aside = os.path.join(save, "diverged-" + os.path.basename(path))
+        earlier = [i for i in complete_iterations(save) if i < iteration]
+        if dist.get_rank() == 0:
+            os.replace(path, aside)
+            write_tracker(save, earlier[-1] if earlier else None)
+        latest = f"latest is now iteration {earlier[-1]}" if earlier else "no checkpoint is left"
+        return f"; its weights were saved as iteration {iteration}: moved to {aside}, {latest}"
 
     # ---- load -----------------------------------------------------------------------------
 
@@ -268,6 +315,9 @@ class Checkpointer:
                 print(f"no checkpoint in {ck.load}: starting from iteration 0", flush=True)
             return False
         iteration, path = found
+        if ck.save is not None and os.path.realpath(os.path.dirname(path)) == \
+                os.path.realpath(ck.save):
+            self.resumed_from = iteration
         start = time.perf_counter()
         self._verify(path)
         verified = time.perf_counter() - start

@@ -11,9 +11,12 @@ line, and they are tested in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import tempfile
 import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -53,9 +56,10 @@ def _entries(root: str) -> List[str]:
 
 
 def stale_saves(root: str) -> List[str]:
-    """``iter_N.tmp`` directories: saves that never completed (a crash or an error)."""
+    """``iter_N.tmp`` directories (saves that never completed: a crash or an error) and
+    ``.trash-iter_N`` ones (deletions cut short)."""
     return [os.path.join(root, d) for d in _entries(root)
-            if d.startswith("iter_") and d.endswith(".tmp")]
+            if (d.startswith("iter_") and d.endswith(".tmp")) or d.startswith(".trash-iter_")]
 
 
 def checkpoints_in(root: str) -> List[str]:
@@ -64,13 +68,39 @@ def checkpoints_in(root: str) -> List[str]:
             if d == TRACKER or (d.startswith("iter_") and not d.endswith(".tmp"))]
 
 
+def _iteration_of(name: str) -> Optional[int]:
+    m = re.fullmatch(r"iter_(\d{7})", name)
+    return int(m.group(1)) if m else None
+
+
+def _runs_below(root: str) -> List[str]:
+    """Sub-directories of ``root`` that hold checkpoints of a run (a tracker or iteration)."""
+    return [d for d in _entries(root) if os.path.isdir(os.path.join(root, d))
+            and checkpoints_in(os.path.join(root, d))]
+
+
 def find_checkpoint(root: str) -> Optional[Tuple[int, str]]:
-    """(iteration, directory) of the latest complete checkpoint, or None if there is none yet."""
+    """(iteration, directory) of the latest complete checkpoint, or None if there is none yet.
+
+    ``root`` is a run's directory (its tracker names the iteration) or one of its ``iter_N``
+    directories (that iteration, as Megatron users pass it). A directory with neither that holds
+    runs below it is refused naming them: it would otherwise start a fresh run."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
+        own = _iteration_of(os.path.basename(os.path.normpath(root)))
+        if own is not None and os.path.isdir(root):
+            if not is_complete(root):
+                raise CheckpointError(f"{root} is incomplete (no metadata.json or .metadata)")
+            return own, root
         leftovers = [d for d in checkpoints_in(root) if d != TRACKER]
         if leftovers:
             raise CheckpointError(f"{tracker} is missing but {root} holds {leftovers}")
+        runs = _runs_below(root)
+        if runs:
+            shown = ", ".join(os.path.join(root, d) for d in runs[:4])
+            raise CheckpointError(f"{root} holds no checkpoint of its own but runs below it "
+                                  f"({shown}{', ...' if len(runs) > 4 else ''}): point --load at "
+                                  f"one of them")
         return None
     try:
         with open(tracker) as f:
@@ -87,17 +117,37 @@ def find_checkpoint(root: str) -> Optional[Tuple[int, str]]:
     return int(text), path
 
 
+def run_root(load: str) -> str:
+    """The run directory of a --load: itself, or the parent of an ``iter_N`` directory."""
+    norm = os.path.normpath(load)
+    if _iteration_of(os.path.basename(norm)) is not None and \
+            not os.path.exists(os.path.join(norm, TRACKER)):
+        return os.path.dirname(norm)
+    return load
+
+
 def _writable_dir_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot hold checkpoints, or None. Permission bits say nothing on /proc, /sys or
+    a read-only mount, so a file is created and removed where the save will create its own: in
+    ``path``, or in its nearest existing parent."""
+    probe = path
     if os.path.exists(path):
         if not os.path.isdir(path):
             return "it is a file, not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file, not a directory"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+    else:
+        probe = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            return f"{probe} is a file, not a directory"
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".hetero-probe-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        where = "it" if probe == path else probe
+        return f"cannot create a file in {where} ({err.strerror or err})"
+    return None
 
 
 def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
@@ -111,6 +161,16 @@ def check_paths(ck) -> None:
     does not exist otherwise is a typo. A --save holding checkpoints this run does not resume
     from, or the directory a --finetune loads from, is refused unless --allow-existing-save."""
     same = _same_dir(ck.load, ck.save)
+    if ck.load is not None and not same and _same_dir(run_root(ck.load), ck.save):
+        # An iteration directory of --save: a resume when it is the latest one.
+        latest = find_checkpoint(ck.save)
+        if latest is not None and _same_dir(latest[1], ck.load):
+            same = True
+        elif not ck.allow_existing_save and not ck.finetune:
+            raise ValueError(
+                f"--load {ck.load} is an earlier iteration of --save {ck.save} (latest: "
+                f"{latest[1] if latest else 'none'}): training on from it would replace that "
+                f"run's later checkpoints; pick another --save or pass --allow-existing-save")
     if ck.load is not None:
         if os.path.exists(ck.load) and not os.path.isdir(ck.load):
             raise ValueError(f"--load {ck.load} is a file, not a checkpoint directory")
@@ -146,7 +206,8 @@ def remove_stale_saves(root: Optional[str]) -> List[str]:
     lines = []
     for path in stale_saves(root) if root else []:
         shutil.rmtree(path, ignore_errors=True)
-        lines.append(f"removed {path}: an incomplete save left by an earlier job")
+        what = "deletion" if os.path.basename(path).startswith(".trash-") else "save"
+        lines.append(f"removed {path}: an incomplete {what} left by an earlier job")
     return lines
 
 
@@ -188,6 +249,9 @@ def resume_problems(saved: dict, now: dict) -> List[str]:
     if a["grid"]["llm_only"] != b["grid"]["llm_only"]:
         problems.append(f"--llm-only: checkpoint {a['grid']['llm_only']}, now {b['grid']['llm_only']}")
     load_optim = not (ck["finetune"] or ck["no_load_optim"])
+    if load_optim and a["ckpt"]["no_save_optim"]:
+        problems.append("the checkpoint was saved with --no-save-optim and has no optimizer "
+                        "state: pass --no-load-optim (a fresh optimizer) or --finetune")
     if load_optim:
         problems += [f"{flag}: checkpoint {a['grid'][k]}, now {b['grid'][k]} (optimizer state "
                      f"reshards across DP only; load weights alone with --no-load-optim)"
@@ -253,6 +317,25 @@ def files_written_by(root: str, rank: int) -> List[str]:
     return own
 
 
+def write_tracker(root: str, iteration: Optional[int]) -> None:
+    """Atomically: the tracker names ``iteration`` (None: removed, no checkpoint left)."""
+    tracker = os.path.join(root, TRACKER)
+    if iteration is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tracker)
+        return
+    with open(tracker + ".tmp", "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker + ".tmp", tracker)
+
+
+def complete_iterations(root: str) -> List[int]:
+    return sorted(i for i in map(_iteration_of, _entries(root))
+                  if i is not None and is_complete(iteration_dir(root, i)))
+
+
 def write_manifest(root: str, entries: Dict[str, dict]) -> None:
     with open(os.path.join(root, MANIFEST), "w") as f:
         json.dump(entries, f, indent=0, sort_keys=True)
@@ -269,6 +352,15 @@ def read_manifest(root: str) -> Dict[str, dict]:
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
+def verify_metadata_files(root: str) -> None:
+    """The files rank 0 wrote (torch's ``.metadata``, ``metadata.json``) against checksums.json,
+    before anything in them is parsed: a damaged or replaced file is one line naming it."""
+    manifest = read_manifest(root)
+    bad = damaged_files(root, manifest, [n for n in sorted(manifest) if not n.startswith("__")])
+    if bad:
+        raise CheckpointError(f"{root} is damaged: {'; '.join(bad)}")
+
+
 def damaged_files(root: str, manifest: Dict[str, dict], names: Iterable[str]) -> List[str]:
     """Those of ``names`` whose size or checksum differs from the manifest, with the reason."""
     bad = []
@@ -282,3 +374,23 @@ def damaged_files(root: str, manifest: Dict[str, dict], names: Iterable[str]) ->
         elif file_checksum(path) != want["crc32"]:
             bad.append(f"{path} does not match its checksum (crc32 {want['crc32']})")
     return bad
+
+
+# ---- retention -------------------------------------------------------------------------------
+
+def retention_victims(root: str, keep: int, protected: Iterable[int]) -> List[str]:
+    """Complete iteration directories of ``root`` that --keep-latest-checkpoints ``keep`` lets go:
+    all but the newest ``keep``, never one in ``protected`` (the iteration this job resumed from,
+    the last one known good) nor the tracker's."""
+    found = find_checkpoint(root)
+    keep_also = set(protected) | ({found[0]} if found else set())
+    iterations = complete_iterations(root)
+    return [iteration_dir(root, i) for i in iterations[:-keep] if i not in keep_also] if keep else []
+
+
+def remove_checkpoint(path: str) -> None:
+    """Renamed out of the run first (atomic: a crash leaves a ``.trash-`` directory that no load
+    takes for a checkpoint and that the next job clears), then deleted."""
+    trash = os.path.join(os.path.dirname(path), ".trash-" + os.path.basename(path))
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import multiprocessing
+import os
+import pickle
 import signal
 import sys
 import types
 from datetime import timedelta
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,17 +66,79 @@ def apply_startup(*, backend: str, timeout: timedelta, mamba: bool) -> List[str]
 
 # ---- process-wide, at start-up ---------------------------------------------------------------
 
-def refuse_pickled_checkpoint_objects() -> None:
-    """``MCoreLoadPlanner.load_bytes`` (dist_checkpointing/strategies/torch.py) unpickles every
-    ShardedObject with ``weights_only=False``: a checkpoint can run code when loaded. Everything we
-    store is tensors and plain data, so read it with ``weights_only=True`` and refuse the rest.
+# What torch's dist-checkpoint ``.metadata`` pickle may name: its own metadata dataclasses, enums,
+# torch.Size and dtypes (found by listing the globals of our checkpoints, CPU and TE/bf16).
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType",
+                                             "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+}
 
-    Process-wide because ``TorchDistLoadShardedStrategy.load`` builds the planner itself; no
-    argument of ``dist_checkpointing.load`` selects another."""
-    from megatron.core.dist_checkpointing.strategies import torch as dcp_strategy
+
+class _NotMetadata(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _NotMetadata(f"it names {module}.{name}, which is not checkpoint metadata")
+
+
+def read_checkpoint_metadata(path: str):
+    """torch's ``.metadata`` file at ``path`` through the allow-list above; CheckpointError (one
+    line naming the file and the damage) for anything else."""
+    from examples.mimo.training.hetero.errors import CheckpointError
+
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    except _NotMetadata as err:
+        raise CheckpointError(f"refusing to unpickle {path}: {err}") from None
+    except Exception as err:  # truncation, a flipped byte, a file of another kind
+        what = "truncated" if isinstance(err, EOFError) else str(err) or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint metadata file ({what})") from None
+
+
+def refuse_pickled_checkpoint_objects() -> None:
+    """Checkpoint bytes are unpickled with code execution in three places of torch 2.11-2.13 and
+    megatron-core 0.19.2: ``FileSystemReader.read_metadata`` (``pickle.load`` of ``.metadata``, read
+    by every load and by ``load_common_state_dict``), ``DefaultLoadPlanner.load_bytes`` (every
+    ShardedObject and the common state, ``torch.load(weights_only=False)``; MCoreLoadPlanner
+    inherits it) and the legacy ``common.pt`` (``torch.load`` without ``weights_only``, which
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns off). Everything we store is tensors and plain data:
+    ``.metadata`` goes through an allow-list of torch's metadata classes, the rest through
+    ``weights_only=True``; anything else is refused. No checksum makes a pickle trusted (a forged
+    checksums.json could vouch for one): these readers are the guarantee, checksums only find
+    damage.
+
+    Process-wide because ``TorchDistLoadShardedStrategy.load`` builds its reader and planner
+    itself; no argument of ``dist_checkpointing.load`` selects others. Idempotent: the launcher's
+    start-up check applies it before reading anything, the ranks at start-up."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+    from torch.distributed.checkpoint import filesystem
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint._traverse import set_element
 
     from examples.mimo.training.hetero.errors import CheckpointError
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = read_checkpoint_metadata(os.fspath(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def load_bytes(self, read_item, value):
         try:
@@ -86,8 +151,33 @@ def refuse_pickled_checkpoint_objects() -> None:
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
-    dcp_strategy.MCoreLoadPlanner.load_bytes = load_bytes
+    def load_common(checkpoint_dir):
+        return torch.load(os.path.join(checkpoint_dir, COMMON_STATE_FNAME), map_location="cpu",
+                          weights_only=True)
+
+    filesystem.FileSystemReader.read_metadata = read_metadata
+    DefaultLoadPlanner.load_bytes = load_bytes
+    serialization.load_common = load_common
     _mark("refuse_pickled_checkpoint_objects")
+
+
+def launcher_shutdown_grace(seconds: int) -> None:
+    """Not megatron-core's but torch's (2.11-2.13): once a rank failed, the agent's process
+    context stops the others with ``PContext.close()`` at its default 30 s between SIGTERM and
+    SIGKILL (``SubprocessContext._poll`` and ``MultiprocessContext._poll`` call it without a
+    timeout), whatever ``--shutdown-timeout`` says. A SIGSTOPped or hung rank never acts on the
+    SIGTERM, so a job whose peer stopped ended 30 s after the collective timeout. Caps every
+    close of the launcher's process (the agent) at ``seconds``."""
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    real = getattr(PContext.close, "__wrapped__", PContext.close)
+
+    @functools.wraps(real)
+    def close(self, death_sig=None, timeout: int = seconds) -> None:
+        real(self, death_sig, min(timeout, seconds))
+
+    PContext.close = close
+    _mark("launcher_shutdown_grace")
 
 
 def bridge_groups(*, backend: str, timeout: timedelta) -> None:
@@ -279,22 +369,32 @@ def checkpoint_writer_errors():
         logger.removeHandler(handler)
 
 
-def signal_proof_checkpoint_writer(signal_name: str) -> None:
+def _writer_server_init(signal_name: Optional[str]) -> None:
+    """Runs first in the spawned Manager server (a module-level function: spawn pickles it)."""
+    from examples.mimo.training.hetero.exits import die_with_parent
+
+    die_with_parent()
+    if signal_name is not None:
+        signal.signal(getattr(signal, signal_name), signal.SIG_IGN)
+
+
+def checkpoint_writer_server(signal_name: Optional[str]) -> None:
     """``get_write_results_queue`` (dist_checkpointing/strategies/filesystem_async.py) spawns a
-    multiprocessing Manager server at the first save and keeps it for the process. SLURM sends a
-    signal to every process of a job step (``scancel --signal``, requeue, preemption), so the
-    exit signal that asks the ranks to save also kills that server, and the save then fails
-    with "broken pipe". Called before training with the signal ignored, the server is started
-    here and ignores it too (an ignored signal stays ignored across the spawn's exec)."""
+    multiprocessing Manager server at the first save and keeps it for the process. Two symptoms:
+    the server outlives a rank that is killed (with its resource tracker: two processes per rank
+    left under PID 1 after every killed job); and SLURM sends a signal to every process of a job
+    step (``scancel --signal``, requeue, preemption), so the exit signal that asks the ranks to
+    save also kills the server, and the save then fails with "broken pipe". Here the server is
+    started before training with an initializer that makes it die with its rank and ignore
+    ``signal_name`` (None: no exit signal)."""
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    sig = getattr(signal, signal_name)
-    previous = signal.signal(sig, signal.SIG_IGN)
-    try:
-        filesystem_async.get_write_results_queue()
-    finally:
-        signal.signal(sig, previous)
-    _mark("signal_proof_checkpoint_writer")
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(_writer_server_init, (signal_name,))
+    filesystem_async._results_queue = manager.Queue()
+    _mark("checkpoint_writer_server")
 
 
 def match_saved_param_groups(optimizer_state, *, lr: float, min_lr: float) -> None:

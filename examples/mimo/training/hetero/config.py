@@ -88,6 +88,9 @@ class OptimConfig:
     adam_beta2: float
     adam_eps: float
     max_consecutive_skipped_iters: int  # 0: never stop
+    check_for_spiky_loss: bool = True  # divergence.py
+    check_for_large_grads: bool = False
+    spiky_loss_factor: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class CheckpointConfig:
     use_checkpoint_opt_param_scheduler: bool
     exit_signal: Optional[str] = None  # --exit-signal-handler: the signal that makes ranks save and exit
     exit_duration_mins: Optional[float] = None
+    keep_latest_checkpoints: int = 0  # 0: keep all
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,14 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
     t.add_argument("--max-consecutive-skipped-iters", type=int, default=10,
                    help="Stop with an error after this many iterations in a row were skipped for "
                         "non-finite gradients (a diverging run); 0 never stops.")
+    t.add_argument("--check-for-spiky-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="Stop with an error (exit 1, no further save) when the loss exceeds "
+                        "--spiky-loss-factor x the largest of the last 100 iterations' (a "
+                        "diverging run whose loss stays finite). On by default, unlike Megatron.")
+    t.add_argument("--check-for-large-grads", action=argparse.BooleanOptionalAction,
+                   default=False, help="The same test on the grad norm.")
+    t.add_argument("--spiky-loss-factor", type=float, default=10.0,
+                   help="The factor of both checks (Megatron's fixed value: 10).")
 
     d = p.add_argument_group("distributed data parallel")
     d.add_argument("--overlap-grad-reduce", action="store_true",
@@ -256,6 +268,10 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
                    help="The signal --exit-signal-handler acts on (SLURM: --signal=...).")
     c.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="Save and exit once the job has run this long (before its time limit).")
+    c.add_argument("--keep-latest-checkpoints", type=int, default=0,
+                   help="After each save keep only the newest N iterations in --save (0: all); "
+                        "the one this job resumed from and the newest known good one are kept "
+                        "too. Each deletion is logged.")
     c.add_argument("--no-save-optim", action="store_true", help="Save model weights only.")
     c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
     c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
@@ -343,6 +359,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError(f"--ddp-bucket-size {args.ddp_bucket_size} must be >= 1")
     if args.clip_grad < 0:
         raise ValueError(f"--clip-grad {args.clip_grad} must be >= 0")
+    if args.spiky_loss_factor <= 1:
+        raise ValueError(f"--spiky-loss-factor {args.spiky_loss_factor} must be > 1")
     if args.max_consecutive_skipped_iters < 0:
         raise ValueError(f"--max-consecutive-skipped-iters {args.max_consecutive_skipped_iters} "
                          f"must be >= 0")
@@ -354,7 +372,10 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         schedule=schedule,
         optim=OptimConfig(clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                          max_consecutive_skipped_iters=args.max_consecutive_skipped_iters),
+                          max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
+                          check_for_spiky_loss=args.check_for_spiky_loss,
+                          check_for_large_grads=args.check_for_large_grads,
+                          spiky_loss_factor=args.spiky_loss_factor),
         ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
         runtime=runtime,
         log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file,
@@ -538,6 +559,10 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     for flag, value in (("--save-interval", args.save_interval), ("--exit-interval", args.exit_interval)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value} must be >= 1")
+    if args.keep_latest_checkpoints < 0:
+        raise ValueError(f"--keep-latest-checkpoints {args.keep_latest_checkpoints} must be >= 0")
+    if args.keep_latest_checkpoints and args.save is None:
+        raise ValueError(f"--keep-latest-checkpoints {args.keep_latest_checkpoints} needs --save")
     if args.save_interval is not None and args.save is None:
         raise ValueError(f"--save-interval {args.save_interval} needs --save")
     if args.no_save_optim and args.save is None:
@@ -574,7 +599,8 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         exit_signal=args.exit_signal if args.exit_signal_handler else None,
-        exit_duration_mins=args.exit_duration_in_mins)
+        exit_duration_mins=args.exit_duration_in_mins,
+        keep_latest_checkpoints=args.keep_latest_checkpoints)
 
 
 def describe(cfg: TrainConfig, facts: ModelFacts) -> str:

@@ -113,3 +113,21 @@ def child_pids(parent: int) -> List[int]:
         if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
             children.append(int(entry))
     return children
+
+
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent ends (Linux's PR_SET_PDEATHSIG): a rank when its
+    launcher is killed outright, the launcher when a wrapper that only times it is
+    (run_hetero_mock_train.sh's ``timeout``). A parent that ended before this call leaves the
+    process reparented, and then it exits at once. No-op where prctl is not available."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)

@@ -12,6 +12,7 @@ from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
 from examples.mimo.training.hetero.config import describe
+from examples.mimo.training.hetero.divergence import DivergenceCheck
 from examples.mimo.training.hetero.errors import TrainingDiverged
 from examples.mimo.training.hetero.evaluation import evaluate
 from examples.mimo.training.hetero.exits import ExitConditions
@@ -117,8 +118,8 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
     # Before the first DataLoader worker forks: the workers inherit the handler, so a signal sent
     # to every process of the job (SLURM signals a whole step) sets a flag there too instead of
     # killing them in the middle of the iteration that is to finish.
-    if ck.exit_signal is not None:
-        compat.signal_proof_checkpoint_writer(ck.exit_signal)
+    if ck.save is not None:
+        compat.checkpoint_writer_server(ck.exit_signal)
     exits = ExitConditions(signal_name=ck.exit_signal, duration_mins=ck.exit_duration_mins,
                            device=rt.device)
     data = data_iterator(rt)
@@ -149,6 +150,9 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
                             loss=result[0], tokens=result[1])
 
     limit = cfg.optim.max_consecutive_skipped_iters
+    o = cfg.optim
+    divergence = DivergenceCheck(loss=o.check_for_spiky_loss, grads=o.check_for_large_grads,
+                                 factor=o.spiky_loss_factor, device=rt.device)
     profiler = Profiler(cfg.profile, rank=dist.get_rank(), device=rt.device)
     results = []
     saved = state.iteration
@@ -187,6 +191,13 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
                 line = startup.report()
                 if line:
                     print(line, flush=True)
+            why = divergence.check(loss=result.lm_loss, grad_norm=result.grad_norm)
+            if why is not None:
+                # The weights that gave this loss are those after the previous iteration.
+                withdrawn = checkpointer.withdraw(saved) \
+                    if checkpointer.last_saved == saved == state.iteration - 1 else ""
+                raise TrainingDiverged(f"iteration {state.iteration}: {why}: the run diverged; "
+                                       f"stopping without a save{withdrawn}")
             # The skip decision is world-wide, so every rank stops here together.
             if limit and state.consecutive_skipped >= limit:
                 raise TrainingDiverged(

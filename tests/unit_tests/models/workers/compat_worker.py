@@ -12,7 +12,9 @@ import copy
 import errno
 import json
 import os
+import pickle
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -143,22 +145,53 @@ def main(out_path: str, work: str):
 
     @probe("refuse_pickled_checkpoint_objects")
     def _():
-        path = os.path.join(work, "payload")
-        os.makedirs(path)
-        marker = os.path.join(work, "pwned")
-        dist_checkpointing.save({"rng": ShardedObject("rng", Payload(marker), (1,), (0,),
-                                                      replica_id=0)}, path)
-        template = lambda: {"rng": ShardedObject("rng", None, (1,), (0,), replica_id=0)}  # noqa
-        dist_checkpointing.load(template(), path)
-        symptom = os.path.exists(marker)  # upstream ran the pickled code
-        os.remove(marker)
+        # Three places unpickle checkpoint bytes with code execution: a ShardedObject, the
+        # common state (both torch's DefaultLoadPlanner.load_bytes) and torch's .metadata.
+        def ran(name, load) -> bool:
+            marker = os.path.join(work, f"pwned-{name}")
+            with contextlib.suppress(BaseException):  # refused, or the payload broke the load
+                load(marker)
+            found = os.path.exists(marker)
+            if found:
+                os.remove(marker)
+            return found
+
+        def saved(name, state):
+            path = os.path.join(work, name)
+            if not os.path.isdir(path):
+                os.makedirs(path)
+                dist_checkpointing.save(state, path)
+            return path
+
+        def sharded(marker):
+            path = saved("payload", {"rng": ShardedObject("rng", Payload(marker), (1,), (0,),
+                                                          replica_id=0)})
+            template = {"rng": ShardedObject("rng", None, (1,), (0,), replica_id=0)}
+            dist_checkpointing.load(template, path)
+
+        def common(marker):
+            dist_checkpointing.load_common_state_dict(saved("common", {"x": Payload(marker)}))
+
+        def metadata(marker):
+            path = os.path.join(work, "metadata")
+            if not os.path.isdir(path):
+                os.makedirs(path)
+                dist_checkpointing.save({"x": 1}, path)
+            with open(os.path.join(path, ".metadata"), "wb") as f:
+                f.write(pickle.dumps(Payload(marker)))
+            dist_checkpointing.load_common_state_dict(path)
+
+        places = {"sharded": sharded, "common": common, "metadata": metadata}
+        upstream = {name: ran(name, load) for name, load in places.items()}
         compat.refuse_pickled_checkpoint_objects()
+        patched = {name: ran(name, load) for name, load in places.items()}
         try:
-            dist_checkpointing.load(template(), path)
+            sharded(os.path.join(work, "unused"))
             refused = False
         except BaseException as err:  # torch's checkpoint layer wraps it in CheckpointException
             refused = "refusing to unpickle checkpoint object 'rng/shard_0_1'" in str(err)
-        return {"symptom": symptom, "fixed": refused and not os.path.exists(marker)}
+        return {"symptom": all(upstream.values()), "upstream": upstream, "patched": patched,
+                "fixed": refused and not any(patched.values())}
 
     @probe("param_groups_within")
     def _():
@@ -174,7 +207,7 @@ def main(out_path: str, work: str):
                 _get_param_groups(*args)
         return {"symptom": symptom, "fixed": _gather_group(calls[-1]) is group}
 
-    @probe("signal_proof_checkpoint_writer")
+    @probe("checkpoint_writer_server")
     def _():
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -195,13 +228,42 @@ def main(out_path: str, work: str):
             finally:
                 filesystem_async._results_queue = None
 
-        upstream = writer_survives_sigterm(filesystem_async.get_write_results_queue)
+        def server_outlives_its_rank(start: str) -> bool:
+            """A process that starts the server and dies at once, as a killed rank does."""
+            code = ("import os, sys\n"
+                    "from examples.mimo.training.hetero import compat\n"
+                    "from examples.mimo.training.hetero.exits import child_pids\n"
+                    "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+                    f"{start}\n"
+                    "print(child_pids(os.getpid())[-1], flush=True)\n"
+                    "os._exit(0)\n")
+            # The server inherits the pipe: read the line, then wait for the process alone.
+            proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    env=dict(os.environ, PYTHONPATH=os.getcwd()))
+            server = int(proc.stdout.readline())
+            proc.wait(timeout=60)
+            proc.stdout.close()
+            time.sleep(2.0)
+            try:
+                with open(f"/proc/{server}/stat") as f:
+                    orphan = f.read().split(")")[1].split()[0] != "Z"
+            except OSError:
+                return False
+            if orphan:
+                os.kill(server, signal.SIGKILL)
+            return orphan
+
+        upstream_orphan = server_outlives_its_rank("filesystem_async.get_write_results_queue()")
+        upstream_signal = writer_survives_sigterm(filesystem_async.get_write_results_queue)
+        fixed_orphan = server_outlives_its_rank("compat.checkpoint_writer_server('SIGTERM')")
 
         def patched():
-            compat.signal_proof_checkpoint_writer("SIGTERM")
+            compat.checkpoint_writer_server("SIGTERM")
             return filesystem_async._results_queue
 
-        return {"symptom": not upstream, "fixed": writer_survives_sigterm(patched)}
+        return {"symptom": upstream_orphan and not upstream_signal,
+                "fixed": not fixed_orphan and writer_survives_sigterm(patched)}
 
     @probe("checkpoint_writer_errors")
     def _():

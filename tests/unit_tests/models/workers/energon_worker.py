@@ -1,7 +1,7 @@
 """Loader-level checks on a generated energon dataset, in a process of their own (energon's
 worker processes are many here, and ending this process ends them at once).
 
-    python -m tests.unit_tests.models.workers.energon_worker routing|resume|val DATASET OUT_JSON
+    python -m tests.unit_tests.models.workers.energon_worker routing|resume|val|coverage DATASET OUT
 """
 
 import gc
@@ -123,9 +123,39 @@ def val(root: str) -> dict:
     return out
 
 
+def coverage(root: str) -> dict:
+    """One pass over a dataset's train split (captions: 192 samples) through the provider with
+    its default flags, on an encoder rank that feeds every lane, for (lanes, workers per lane):
+    how many reads, how many distinct samples. Also the former default --shuffle-buffer-size
+    100 on one layout."""
+    from examples.mimo.data import energon
+    from examples.mimo.interfaces import RankData
+    from examples.mimo.training.hetero.config import parse_config
+
+    out = {}
+    for lanes, workers, shuffle in ((1, 3, None), (2, 2, None), (3, 1, None), (3, 3, None),
+                                    (3, 3, 100)):
+        args = ["--train-iters", "1", "--data-provider", "energon", "--data-path",
+                os.path.join(root, "captions"), "--tokenizer-model", os.path.join(root, "tokenizer"),
+                "--num-workers", str(workers), "--llm-dp", str(lanes), "--global-batch-size",
+                str(2 * lanes)]
+        if shuffle is not None:
+            args += ["--shuffle-buffer-size", str(shuffle)]
+        cfg = parse_config(args, world_size=1 + lanes).data
+        rank = RankData(is_llm=False, dp_rank=0, llm_dp=lanes, encoder_dp=1, micro_batch_size=2,
+                        num_microbatches=1, seq_length=64, seed=1, with_images=True)
+        it = energon.build_iterator(cfg, spec=SPEC, rank=rank, to_model=lambda b: b)
+        KEEP.append(it)
+        keys = [json.dumps(k) for _ in range(192 // (2 * lanes)) for k in it.next_batch()["keys"]]
+        out[f"{lanes},{workers},{cfg.shuffle_buffer_size}"] = {"reads": len(keys),
+                                                              "distinct": len(set(keys))}
+    return out
+
+
 if __name__ == "__main__":
     mode, root, path = sys.argv[1:4]
     with open(path, "w") as f:
-        json.dump({"routing": routing, "resume": resume, "val": val}[mode](root), f)
+        json.dump({"routing": routing, "resume": resume, "val": val,
+                   "coverage": coverage}[mode](root), f)
     sys.stdout.flush()
     os._exit(0)  # without waiting for every loader's workers to be joined one by one
