@@ -97,6 +97,10 @@ def test_good_layouts(args, world, layout):
      ["--mock-text-only-fraction 0.25 must be 0 with --colocated with --encoder-dp 2, --llm-dp 1"]),
     (["--encoder-dp", "2"], 3, ["0.25 must be 0 with fan-in (--encoder-dp 2, --llm-dp 1)"]),
     (["--patch-dim", "5"], 2, ["--patch-dim 5", "--img-h 16"]),
+    (["--spiky-loss-factor", "1"], 2, ["--spiky-loss-factor 1.0 must be > 1"]),
+    (["--save", "s", "--keep-latest-checkpoints", "-1"], 2,
+     ["--keep-latest-checkpoints -1 must be >= 0"]),
+    (["--keep-latest-checkpoints", "2"], 2, ["--keep-latest-checkpoints 2 needs --save"]),
 ])
 def test_bad_layouts_name_the_flags(args, world, needles):
     with pytest.raises(ValueError) as err:

@@ -18,6 +18,7 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -157,15 +158,13 @@ class SaveLock:
                 why = stale_reason(holder, me, time.time())
                 if why is None:
                     raise _in_use(save, path, holder) from None
-                try:  # only one of several jobs taking over wins this rename
+                with contextlib.suppress(FileNotFoundError):  # one of several takers wins
                     os.replace(path, f"{path}.stale-{me['token']}")
                     os.remove(f"{path}.stale-{me['token']}")
-                except FileNotFoundError:
-                    pass
                 note = f"took over {path} from {describe_holder(holder)}: {why}"
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({k: v for k, v in me.items()}, f)
+                json.dump(me, f)
                 f.flush()
                 os.fsync(f.fileno())
             return cls(save, me), note
@@ -175,10 +174,8 @@ class SaveLock:
         while not self._stop.wait(HEARTBEAT_S):
             self.verify()
             if self.lost is None:
-                try:
+                with contextlib.suppress(OSError):
                     os.utime(self.path)
-                except OSError:
-                    pass
 
     def verify(self) -> None:
         """Notes (in ``lost``) when the file no longer names this job: a save then refuses."""
@@ -197,10 +194,8 @@ class SaveLock:
         self._stop.set()
         self.verify()
         if self.lost is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
-            except FileNotFoundError:
-                pass
 
 
 _HELD: Optional[SaveLock] = None
