@@ -21,9 +21,9 @@ import sys
 import tempfile
 
 
-# torchrun's agent waits this long (its default: 30 s) between SIGTERM and SIGKILL when it stops
-# the ranks after a failure; a SIGSTOPped or hung rank never acts on the SIGTERM, so the grace
-# would come on top of --distributed-timeout-minutes. Nothing is left to save once a peer failed.
+# Between SIGTERM and SIGKILL when the agent stops the ranks (torchrun's: 30 s). A SIGSTOPped or
+# hung rank never acts on the SIGTERM, so the grace comes on top of --distributed-timeout-minutes;
+# nothing is left to save once a peer failed.
 SHUTDOWN_GRACE_S = 5
 MODULE = "examples.mimo.train_hetero"
 USAGE = "usage: python -m examples.mimo.launch [torchrun flags] -- [train_hetero flags]"
@@ -46,7 +46,7 @@ def parse_launcher(launcher: list, trainer: list):
         raise ValueError(message)
 
     parser.error = error
-    known, unknown = parser.parse_known_args([*launcher, "-m", MODULE])
+    _, unknown = parser.parse_known_args([*launcher, "-m", MODULE])
     if unknown:
         flags = [a.split("=")[0] for a in unknown if a.startswith("-")]
         misplaced = [f for f in flags if f in _trainer_flags()]
@@ -117,9 +117,8 @@ def main(argv) -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return 2
-    if getattr(args, "shutdown_timeout", 0) is None:
-        args.shutdown_timeout = SHUTDOWN_GRACE_S
-    compat.launcher_shutdown_grace(getattr(args, "shutdown_timeout", None) or SHUTDOWN_GRACE_S)
+    grace = getattr(args, "shutdown_timeout", None)  # torchrun's --shutdown-timeout, if given
+    compat.launcher_shutdown_grace(SHUTDOWN_GRACE_S if grace is None else grace)
     if cfg.ckpt.exit_signal is not None:
         try:
             leave_signal_to_ranks(args, cfg.ckpt.exit_signal)

@@ -9,8 +9,9 @@ piece of run state is one entry in ``Checkpointer.__init__``.
 A save goes to "iter_N.tmp"; every rank checksums the files it wrote (checksums.json), and rank 0
 renames the directory only after every rank finished, then replaces the tracker atomically. A
 failed save removes its "iter_N.tmp" and leaves the previous checkpoint and tracker intact. A load
-verifies the checksums first (the files split over the ranks) and names a damaged file. Every
-pickled object is read with torch.load(weights_only=True) (compat.refuse_pickled_checkpoint_objects).
+verifies the checksums first (the files split over the ranks) and names a damaged file. No
+checkpoint byte is unpickled with code execution: torch's .metadata through an allow-list, every
+other pickled object with torch.load(weights_only=True) (compat.refuse_pickled_checkpoint_objects).
 """
 
 from __future__ import annotations

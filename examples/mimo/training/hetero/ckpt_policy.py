@@ -163,7 +163,10 @@ def check_paths(ck) -> None:
     same = _same_dir(ck.load, ck.save)
     if ck.load is not None and not same and _same_dir(run_root(ck.load), ck.save):
         # An iteration directory of --save: a resume when it is the latest one.
-        latest = find_checkpoint(ck.save)
+        try:
+            latest = find_checkpoint(ck.save)
+        except CheckpointError:  # a broken tracker: the load of the named iteration decides
+            latest = None
         if latest is not None and _same_dir(latest[1], ck.load):
             same = True
         elif not ck.allow_existing_save and not ck.finetune:
@@ -384,8 +387,9 @@ def retention_victims(root: str, keep: int, protected: Iterable[int]) -> List[st
     the last one known good) nor the tracker's."""
     found = find_checkpoint(root)
     keep_also = set(protected) | ({found[0]} if found else set())
-    iterations = complete_iterations(root)
-    return [iteration_dir(root, i) for i in iterations[:-keep] if i not in keep_also] if keep else []
+    if not keep:
+        return []
+    return [iteration_dir(root, i) for i in complete_iterations(root)[:-keep] if i not in keep_also]
 
 
 def remove_checkpoint(path: str) -> None:
