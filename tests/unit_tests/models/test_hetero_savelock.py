@@ -102,3 +102,18 @@ def test_a_job_that_lost_its_lock_saves_nothing(tmp_path):
         lock.check()
     lock.release()  # leaves the other job's lock alone
     assert json.loads((tmp_path / savelock.LOCK).read_text())["token"] == "someone else"
+
+
+def test_without_hard_links_the_lock_is_an_exclusive_create(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(savelock.os, "link", no_links)
+    lock, _ = savelock.SaveLock.acquire(str(tmp_path))
+    try:
+        assert json.loads((tmp_path / savelock.LOCK).read_text())["pid"] == os.getpid()
+        with pytest.raises(savelock.SaveDirInUse):
+            savelock.SaveLock.acquire(str(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == [savelock.LOCK]  # no temporary left behind
+    finally:
+        lock.release()

@@ -4,7 +4,8 @@ Global rank 0 takes it before anything is trained or cleaned up (train_hetero.ma
 it every HEARTBEAT_S from a daemon thread, and removes it when the job ends. The launcher of a
 second job reads it first (``check_free``) and stops with one line naming the holder before it
 starts any process; two jobs started at the same instant both get past that check, and exactly
-one of them creates the file (O_CREAT | O_EXCL, atomic on local disks, NFSv3+, Lustre and GPFS).
+one of them links its fully written lock into place (link() fails on an existing name: atomic on
+local disks, NFS, Lustre and GPFS).
 
 A lock left behind is stale, and taken over with a log line, when its holder is provably gone:
 - the same SLURM job id (a requeued job; SLURM ended the old processes first);
@@ -147,28 +148,40 @@ class SaveLock:
         os.makedirs(save, exist_ok=True)
         me = identity()
         path = os.path.join(save, LOCK)
+        # Written whole under a name of its own, then linked into place: link() fails when the
+        # lock exists (atomic on NFS too, where O_EXCL was not before v3), and a reader never
+        # sees a half-written lock.
+        mine = f"{path}.{me['token']}"
+        with open(mine, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
         note = None
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, path)
+                    return cls(save, me), note
+                except FileExistsError:
+                    pass
+                except OSError:  # no hard links on this file system (some FUSE mounts)
+                    with contextlib.suppress(FileExistsError):
+                        with open(path, "x") as f:
+                            json.dump(me, f)
+                        return cls(save, me), note
                 holder = read_holder(path)
                 if holder is None:
                     continue  # released meanwhile
                 why = stale_reason(holder, me, time.time())
                 if why is None:
-                    raise _in_use(save, path, holder) from None
+                    raise _in_use(save, path, holder)
                 with contextlib.suppress(FileNotFoundError):  # one of several takers wins
                     os.replace(path, f"{path}.stale-{me['token']}")
                     os.remove(f"{path}.stale-{me['token']}")
                 note = f"took over {path} from {describe_holder(holder)}: {why}"
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            return cls(save, me), note
-        raise _in_use(save, path, read_holder(path) or {})
+            raise _in_use(save, path, read_holder(path) or {})
+        finally:
+            os.remove(mine)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
