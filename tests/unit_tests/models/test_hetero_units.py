@@ -127,7 +127,7 @@ def test_training_modules_reach_providers_only_through_the_runtime():
     providers, not the registries."""
     hetero = ROOT / "examples/mimo/training/hetero"
     assert not [m for m in imports_of(hetero / "topology.py") if "model_providers" in m]
-    for name in ("loop.py", "step.py", "checkpointing.py", "optim.py", "grad_sync.py"):
+    for name in ("loop.py", "run.py", "step.py", "checkpointing.py", "optim.py", "grad_sync.py"):
         bad = [m for m in imports_of(hetero / name)
                if m in ("examples.mimo.model_providers", "examples.mimo.data")]
         assert not bad, (name, bad)
