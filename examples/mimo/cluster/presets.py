@@ -206,7 +206,7 @@ def scripts() -> Dict[str, Tuple[str, str, str]]:
 
 
 def table() -> str:
-    """The README's table of shapes (a test checks that the README holds this text)."""
+    """docs/cluster.md's table of shapes (a test checks that it holds this text)."""
     rows = ["| script | nodes | time | what | encoder | LLM TP/PP/EP | micro / global batch | seq |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     found = scripts()
@@ -230,7 +230,7 @@ def main(argv: Sequence[str]) -> int:
     j.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     j.add_argument("--time-left", default="")
     j.add_argument("--exit-margin-mins", type=float, default=10.0)
-    sub.add_parser("table", help="the README's table of shapes")
+    sub.add_parser("table", help="docs/cluster.md's table of shapes")
     left = sub.add_parser("minutes-left", help="squeue's %%L in minutes ('' when unlimited)")
     left.add_argument("time_left")
     argv = list(argv)

@@ -58,7 +58,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "comes from energon's per-pass shuffle of shard slices of "
                         "--max-samples-per-sequence). energon fills the buffer across the end "
                         "of a pass, so each pass then reads about this many samples per worker "
-                        "of the next one twice and misses as many (README: Data).")
+                        "of the next one twice and misses as many (docs/data.md: Epochs).")
     g.add_argument("--max-samples-per-sequence", type=int, default=100,
                    help="Samples read in a row from one shard before switching (energon).")
     g.add_argument("--data-error-policy", choices=ERROR_POLICIES, default="skip",

@@ -19,9 +19,9 @@ SCRIPTS = ROOT / "examples" / "mimo" / "scripts"
 SHELL = sorted(SCRIPTS.glob("*.sh")) + [ROOT / ".ci" / "run"]
 
 
-def test_every_shape_has_a_script_and_the_readme_lists_them():
+def test_every_shape_has_a_script_and_the_cluster_doc_lists_them():
     assert set(presets.scripts()) == set(presets.SHAPES)
-    assert presets.table() in (ROOT / "README.md").read_text()
+    assert presets.table() in (ROOT / "docs" / "cluster.md").read_text()
 
 
 @pytest.mark.parametrize("shape", sorted(presets.SHAPES))
