@@ -1,5 +1,5 @@
 """Stop a run whose loss or gradients blow up while staying finite (non-finite ones are skipped
-iterations, loop.py).
+iterations, run.py).
 
 The rule is Megatron's ``--check-for-spiky-loss`` / ``--check-for-large-grads`` test (its rerun
 state machine's ``is_unexpectedly_large``): a value over ``--spiky-loss-factor`` (Megatron: 10)

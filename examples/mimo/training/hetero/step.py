@@ -91,7 +91,7 @@ def train_step(*, rt: Runtime, optimizer, scheduler, grad_sync: GradSync,
             success, grad_norm, _ = optimizer.step()
         skipped = not success
     # As Megatron's train_step: the LR schedule advances only with an applied update, so a skipped
-    # iteration leaves the learning rate where it was (consumed samples still advance, loop.py).
+    # iteration leaves the learning rate where it was (consumed samples still advance, run.py).
     if not skipped:
         scheduler.step(increment=cfg.batch.global_batch_size)
     totals = global_totals(rt, totals)
