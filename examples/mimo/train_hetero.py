@@ -88,6 +88,12 @@ def main(argv=None) -> None:
     savelock.release_held()
 
 
+def write_report(where: str, rank: str, error: str, **extra) -> None:
+    """The failure line the launcher summarises (launch.py reads every rank's)."""
+    with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "time": time.time(), "error": error, **extra}, f)
+
+
 def report_failure(rank: str, err: BaseException) -> None:
     from examples.mimo.training.hetero.errors import HeteroError
 
@@ -99,8 +105,7 @@ def report_failure(rank: str, err: BaseException) -> None:
     if where:
         with open(os.path.join(where, f"rank{rank}.txt"), "w") as f:
             f.write(trace)
-        with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "time": time.time(), "error": first}, f)
+        write_report(where, rank, first)
     elif not isinstance(err, HeteroError):
         print(trace, file=sys.stderr)
     print(f"[rank {rank}] error: {first}", file=sys.stderr, flush=True)
@@ -136,8 +141,7 @@ def run(argv=None) -> None:
             time.sleep(5)
         where = os.environ.get("HETERO_FAILURE_DIR")
         if where:
-            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
-                json.dump({"rank": rank, "time": time.time(), "error": str(err), "status": 2}, f)
+            write_report(where, rank, str(err), status=2)
         else:
             print(f"error: {err}", file=sys.stderr, flush=True)
         os._exit(2)

@@ -96,8 +96,8 @@ def stale_reason(holder: dict, me: dict, now: float) -> Optional[str]:
         return f"SLURM job {holder['job_id']} requeued"
     if holder.get("host") == me["host"]:
         pid = holder.get("pid")
-        if not isinstance(pid, int) or _start_ticks(pid) is None or (
-                holder.get("start_ticks") is not None and _start_ticks(pid) != holder["start_ticks"]):
+        ticks = _start_ticks(pid) if isinstance(pid, int) else None
+        if ticks is None or holder.get("start_ticks") not in (None, ticks):
             return f"pid {pid} is no longer running on {me['host']}"
         return None
     if holder.get("job_id") and _slurm_job_running(holder["job_id"]) is False:
