@@ -99,12 +99,27 @@ class StepFlops:
     llm: float
 
 
+class KernelChoices(Protocol):
+    """The trainer's kernel options (training/hetero/kernels.KernelConfig) as a provider reads
+    them when it builds a branch."""
+
+    @property
+    def use_mamba_mem_eff_path(self) -> bool:
+        """Mamba's fused path: not disabled, and causal-conv1d's CUDA extension is there."""
+
+    def transformer_fields(self, *, fp8: bool, graphs: bool = False) -> dict:
+        """TransformerConfig fields of one branch (FP8, recompute, fusions, CUDA graphs)."""
+
+
 @runtime_checkable
 class ModelProvider(Protocol):
     NAME: str
     VIT_ENCODER: str  # the encoder's name inside the vision submodule (its input key)
 
-    def add_args(self, parser: argparse.ArgumentParser) -> None: ...
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        """The flags of its config, declared on the config's fields (flags.option/derived, each
+        with its resume class: a field the weights depend on is MATCH) and added by
+        flags.add_group."""
 
     def config_from_args(self, args: argparse.Namespace) -> object:
         """The provider's frozen config; raises ValueError naming the flag on bad values."""
@@ -116,17 +131,13 @@ class ModelProvider(Protocol):
     def build(self, cfg, *, topology, dtype: torch.dtype, seq_length: int,
               device: torch.device, kernels) -> torch.nn.Module:
         """This rank's part of the MimoModel, unwrapped, with frozen parts frozen; ``kernels``
-        (kernels.KernelConfig) says which TransformerConfig fields each branch takes."""
+        (KernelChoices) says which TransformerConfig fields each branch takes."""
 
     def flops(self, cfg, work: StepWork) -> StepFlops:
         """Model FLOPs of an iteration; frozen parts count no weight gradients."""
 
     def module_config(self, module: torch.nn.Module) -> object:
         """The TransformerConfig that DDP uses for a built branch."""
-
-    def checkpoint_must_match(self, cfg) -> dict:
-        """The fields of ``cfg`` a checkpoint's weights depend on (shapes, layer kinds): a resume
-        or pretrained load with any of them changed is refused. Freezing is not among them."""
 
 
 @runtime_checkable

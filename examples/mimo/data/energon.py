@@ -21,6 +21,8 @@ from typing import Callable, List, Optional
 
 from examples.mimo.data.merge import LANE_BATCH, merge
 from examples.mimo.data.routing import LaneStreams, lane_set
+from examples.mimo.data.tokenizer import TOKENIZER_TYPES
+from examples.mimo.flags import FREE, add_group, arg, derived, option, read
 from examples.mimo.interfaces import DataSpec, RankData
 
 NAME = "energon"
@@ -29,51 +31,48 @@ ERROR_POLICIES = ("skip", "fail")
 
 @dataclass(frozen=True)
 class EnergonDataConfig:
-    data_path: str
-    tokenizer_type: str
-    tokenizer_model: str
-    num_workers: int
-    packing_buffer_size: Optional[int]
-    shuffle_buffer_size: int
-    max_samples_per_sequence: Optional[int]
-    data_error_policy: str
-    lane_routing: bool
+    # Paths are made absolute (the loader's workers may run elsewhere); a moved dataset is the
+    # same data, so neither is a reason to refuse a resume.
+    data_path: str = derived(FREE, arg(
+        "--data-path", required=True,
+        help="A prepared energon dataset folder or a metadataset YAML (a blend)."))
+    tokenizer_model: str = derived(FREE, arg(
+        "--tokenizer-model", required=True,
+        help="Local Hugging Face tokenizer folder (never downloaded)."))
+    tokenizer_type: str = option("--tokenizer-type", FREE, choices=TOKENIZER_TYPES,
+                                 default="HuggingFaceTokenizer")
+    num_workers: int = option(
+        "--num-workers", FREE, type=int, default=2,
+        help="Loader worker processes per LLM lane (0: load in the training process).")
+    packing_buffer_size: Optional[int] = option(
+        "--packing-buffer-size", FREE, type=int, default=None,
+        help="Pack several samples per sequence, choosing from this many.")
+    shuffle_buffer_size: int = option(
+        "--shuffle-buffer-size", FREE, type=int, default=0,
+        help="Samples shuffled in a buffer per loader worker (0: none; the order then comes from "
+             "energon's per-pass shuffle of shard slices of --max-samples-per-sequence). energon "
+             "fills the buffer across the end of a pass, so each pass then reads about this many "
+             "samples per worker of the next one twice and misses as many (docs/data.md: "
+             "Epochs).")
+    max_samples_per_sequence: Optional[int] = option(
+        "--max-samples-per-sequence", FREE, type=int, default=100,
+        help="Samples read in a row from one shard before switching (energon).")
+    data_error_policy: str = option(
+        "--data-error-policy", FREE, choices=ERROR_POLICIES, default="skip",
+        help="A sample that fails to decode: skip it (counted in the log) or fail.")
+    lane_routing: bool = option(
+        "--no-lane-routing", FREE, dest="lane_routing", action="store_false",
+        help="One loader per lane on encoder ranks (for comparison; same samples).")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from examples.mimo.data.tokenizer import TOKENIZER_TYPES
-
-    g = parser.add_argument_group("energon data provider")
-    g.add_argument("--data-path", required=True,
-                   help="A prepared energon dataset folder or a metadataset YAML (a blend).")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
-    g.add_argument("--tokenizer-model", required=True,
-                   help="Local Hugging Face tokenizer folder (never downloaded).")
-    g.add_argument("--num-workers", type=int, default=2,
-                   help="Loader worker processes per LLM lane (0: load in the training process).")
-    g.add_argument("--packing-buffer-size", type=int, default=None,
-                   help="Pack several samples per sequence, choosing from this many.")
-    g.add_argument("--shuffle-buffer-size", type=int, default=0,
-                   help="Samples shuffled in a buffer per loader worker (0: none; the order then "
-                        "comes from energon's per-pass shuffle of shard slices of "
-                        "--max-samples-per-sequence). energon fills the buffer across the end "
-                        "of a pass, so each pass then reads about this many samples per worker "
-                        "of the next one twice and misses as many (docs/data.md: Epochs).")
-    g.add_argument("--max-samples-per-sequence", type=int, default=100,
-                   help="Samples read in a row from one shard before switching (energon).")
-    g.add_argument("--data-error-policy", choices=ERROR_POLICIES, default="skip",
-                   help="A sample that fails to decode: skip it (counted in the log) or fail.")
-    g.add_argument("--no-lane-routing", dest="lane_routing", action="store_false",
-                   help="One loader per lane on encoder ranks (for comparison; same samples).")
+    add_group(parser, "energon data provider", EnergonDataConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> EnergonDataConfig:
-    cfg = EnergonDataConfig(
-        data_path=os.path.abspath(args.data_path), tokenizer_type=args.tokenizer_type,
-        tokenizer_model=os.path.abspath(args.tokenizer_model), num_workers=args.num_workers,
-        packing_buffer_size=args.packing_buffer_size, shuffle_buffer_size=args.shuffle_buffer_size,
-        max_samples_per_sequence=args.max_samples_per_sequence,
-        data_error_policy=args.data_error_policy, lane_routing=args.lane_routing)
+    cfg = EnergonDataConfig(**read(EnergonDataConfig, args),
+                            data_path=os.path.abspath(args.data_path),
+                            tokenizer_model=os.path.abspath(args.tokenizer_model))
     if cfg.num_workers < 0:
         raise ValueError(f"--num-workers {cfg.num_workers} must be >= 0")
     if cfg.packing_buffer_size is not None and cfg.packing_buffer_size < 2:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from examples.mimo.data.lanes import ENCODER, LLM, LaneIterator, rank_layout, stack_samples
+from examples.mimo.flags import FREE, add_group, option, read
 from examples.mimo.interfaces import DataSpec, RankData
 
 NAME = "mock"
@@ -22,18 +23,18 @@ NAME = "mock"
 
 @dataclass(frozen=True)
 class MockDataConfig:
-    text_only_fraction: float
-    text_vocab: Optional[int]  # text ids drawn from 1..text_vocab; None: the whole vocabulary
+    text_only_fraction: float = option("--mock-text-only-fraction", FREE, type=float,
+                                       default=0.25, help="Share of samples with no image.")
+    # text ids drawn from 1..text_vocab; None: the whole vocabulary
+    text_vocab: Optional[int] = option(
+        "--mock-text-vocab", FREE, type=int, default=None,
+        help="Draw text from the first N token ids (default: the model's whole vocabulary). A "
+             "short smoke run of a 131k-vocabulary model cannot learn progressions over every "
+             "id; over a few thousand it can.")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("mock data provider")
-    g.add_argument("--mock-text-only-fraction", type=float, default=0.25,
-                   help="Share of samples with no image.")
-    g.add_argument("--mock-text-vocab", type=int, default=None,
-                   help="Draw text from the first N token ids (default: the model's whole "
-                        "vocabulary). A short smoke run of a 131k-vocabulary model cannot learn "
-                        "progressions over every id; over a few thousand it can.")
+    add_group(parser, "mock data provider", MockDataConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> MockDataConfig:
@@ -41,8 +42,7 @@ def config_from_args(args: argparse.Namespace) -> MockDataConfig:
         raise ValueError(f"--mock-text-only-fraction {args.mock_text_only_fraction} must be in [0, 1]")
     if args.mock_text_vocab is not None and args.mock_text_vocab < 2:
         raise ValueError(f"--mock-text-vocab {args.mock_text_vocab} must be >= 2")
-    return MockDataConfig(text_only_fraction=args.mock_text_only_fraction,
-                          text_vocab=args.mock_text_vocab)
+    return MockDataConfig(**read(MockDataConfig, args))
 
 
 def validate(cfg: MockDataConfig, spec: DataSpec, seq_length: int, *, equal_images: str,

@@ -21,6 +21,7 @@ from megatron.energon import CaptioningSample, DefaultTaskEncoder, SkipSample, T
 from megatron.energon.task_encoder.base import stateless
 
 from examples.mimo.data.tokenizer import Tokenizer
+from examples.mimo.images import patchify
 from examples.mimo.interfaces import DataSpec
 
 CAPTION_PROMPT = "describe the image."
@@ -100,7 +101,6 @@ class MimoTaskEncoder(DefaultTaskEncoder):
         """[C, H, W] in [0, 1] (energon's torchrgb decode) -> (the encoder's input, (h, w)):
         resized to the provider's size, or for dynamic resolution to ``dynamic_size`` and
         patchified; normalised with the provider's mean and std."""
-        from examples.mimo.model_providers.radio_encoder import patchify
 
         spec = self.spec
         image = image.float()

@@ -4,12 +4,12 @@ projector, and a GPT language model. Small enough to train on CPU in CI."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Optional
 from dataclasses import dataclass
 
 import torch
 
+from examples.mimo.flags import FREE, MATCH, add_group, option, read
 from examples.mimo.interfaces import DataSpec, ModelFacts, StepFlops, StepWork
 from examples.mimo.model_providers import common, specs
 from examples.mimo.model_providers import flops as F
@@ -20,19 +20,23 @@ VIT_ENCODER = "vit"
 
 @dataclass(frozen=True)
 class MockModelConfig:
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    vocab_size: int
-    encoder_hidden_size: int
-    encoder_num_layers: int
-    encoder_num_attention_heads: int
-    img_h: int
-    img_w: int
-    patch_dim: int
-    freeze_lm: bool
-    freeze_vit: bool
-    freeze_projection: bool
+    hidden_size: int = option("--hidden-size", MATCH, type=int, default=64)
+    num_layers: int = option("--num-layers", MATCH, type=int, default=2)
+    num_attention_heads: int = option("--num-attention-heads", MATCH, type=int, default=4)
+    vocab_size: int = option("--vocab-size", MATCH, type=int, default=256)
+    encoder_hidden_size: int = option("--encoder-hidden-size", MATCH, type=int, default=32)
+    encoder_num_layers: int = option("--encoder-num-layers", MATCH, type=int, default=2)
+    encoder_num_attention_heads: int = option("--encoder-num-attention-heads", MATCH, type=int,
+                                              default=4)
+    img_h: int = option("--img-h", MATCH, type=int, default=16)
+    img_w: int = option("--img-w", MATCH, type=int, default=16)
+    patch_dim: int = option("--patch-dim", MATCH, type=int, default=4)
+    freeze_lm: bool = option("--freeze-lm", FREE, action="store_true",
+                             help="Freeze the language model.")
+    freeze_vit: bool = option("--freeze-vit", FREE, action="store_true",
+                              help="Freeze the vision encoder.")
+    freeze_projection: bool = option("--freeze-projection", FREE, action="store_true",
+                                     help="Freeze the vision projector.")
 
     @property
     def image_tokens(self) -> int:
@@ -45,31 +49,11 @@ class MockModelConfig:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("mock model provider")
-    g.add_argument("--hidden-size", type=int, default=64)
-    g.add_argument("--num-layers", type=int, default=2)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--vocab-size", type=int, default=256)
-    g.add_argument("--encoder-hidden-size", type=int, default=32)
-    g.add_argument("--encoder-num-layers", type=int, default=2)
-    g.add_argument("--encoder-num-attention-heads", type=int, default=4)
-    g.add_argument("--img-h", type=int, default=16)
-    g.add_argument("--img-w", type=int, default=16)
-    g.add_argument("--patch-dim", type=int, default=4)
-    g.add_argument("--freeze-lm", action="store_true", help="Freeze the language model.")
-    g.add_argument("--freeze-vit", action="store_true", help="Freeze the vision encoder.")
-    g.add_argument("--freeze-projection", action="store_true", help="Freeze the vision projector.")
+    add_group(parser, "mock model provider", MockModelConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> MockModelConfig:
-    cfg = MockModelConfig(
-        hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-        encoder_hidden_size=args.encoder_hidden_size, encoder_num_layers=args.encoder_num_layers,
-        encoder_num_attention_heads=args.encoder_num_attention_heads, img_h=args.img_h,
-        img_w=args.img_w, patch_dim=args.patch_dim, freeze_lm=args.freeze_lm,
-        freeze_vit=args.freeze_vit, freeze_projection=args.freeze_projection,
-    )
+    cfg = MockModelConfig(**read(MockModelConfig, args))
     for flag, value in (("--hidden-size", cfg.hidden_size), ("--num-layers", cfg.num_layers),
                         ("--num-attention-heads", cfg.num_attention_heads),
                         ("--encoder-hidden-size", cfg.encoder_hidden_size),
@@ -128,10 +112,6 @@ def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:
     llm = F.train(cfg.num_layers * layer + F.linear(tokens, h, cfg.vocab_size),
                   weights=not cfg.freeze_lm, inputs=not cfg.freeze_lm or encoder_trains)
     return StepFlops(encoder=encoder, llm=llm)
-
-
-def checkpoint_must_match(cfg: MockModelConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("freeze_")}
 
 
 def data_spec(cfg: MockModelConfig) -> DataSpec:

@@ -11,16 +11,15 @@ embeddings, vocabulary 131072); the vision side follows megatron-core's "radio" 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from examples.mimo.interfaces import DataSpec, ModelFacts, StepFlops, StepWork
+from examples.mimo.flags import FREE, MATCH, add_group, arg, derived, label, option, read
+from examples.mimo.interfaces import DataSpec, KernelChoices, ModelFacts, StepFlops, StepWork
 from examples.mimo.model_providers import common, specs
 from examples.mimo.model_providers import flops as F
-from examples.mimo.training.hetero.kernels import KernelConfig, use_mamba_mem_eff_path
 
 NAME = "nemotron_moe_vlm"
 VIT_ENCODER = "radio"
@@ -29,33 +28,40 @@ PROJECTION_TYPES = ("mlp", "affine")
 TRAINING_STAGES = ("full", "projector-only")
 
 
+def _size(name: str, kind=int):
+    """A shape field: its flag overrides the preset's value (the flag's None: keep it)."""
+    return option(name, MATCH, type=kind, default=None, value=MISSING)
+
+
 @dataclass(frozen=True)
 class Architecture:
-    hybrid_layer_pattern: str
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    ffn_hidden_size: int  # dense MLP layers ("-")
-    num_experts: int
-    moe_ffn_hidden_size: int
-    moe_shared_expert_intermediate_size: int
-    moe_router_topk: int
-    mamba_num_heads: int
-    mamba_head_dim: int
-    mamba_state_dim: int
-    mamba_num_groups: int
-    vocab_size: int
-    vision_num_layers: int
-    vision_hidden_size: int
-    vision_ffn_hidden_size: int
-    vision_num_attention_heads: int
-    img_h: int
-    img_w: int
-    patch_dim: int
-    class_token_len: int
-    max_img_size: int  # RADIO's position-embedding table covers max_img_size^2 pixels
-    vision_projection_ffn_hidden_size: int
+    hybrid_layer_pattern: str = _size("--hybrid-layer-pattern", kind=str)
+    hidden_size: int = _size("--hidden-size")
+    num_attention_heads: int = _size("--num-attention-heads")
+    num_query_groups: int = _size("--num-query-groups")
+    kv_channels: int = _size("--kv-channels")
+    # dense MLP layers ("-")
+    ffn_hidden_size: int = _size("--ffn-hidden-size")
+    num_experts: int = _size("--num-experts")
+    moe_ffn_hidden_size: int = _size("--moe-ffn-hidden-size")
+    moe_shared_expert_intermediate_size: int = _size("--moe-shared-expert-intermediate-size")
+    moe_router_topk: int = _size("--moe-router-topk")
+    mamba_num_heads: int = _size("--mamba-num-heads")
+    mamba_head_dim: int = _size("--mamba-head-dim")
+    mamba_state_dim: int = _size("--mamba-state-dim")
+    mamba_num_groups: int = _size("--mamba-num-groups")
+    vocab_size: int = _size("--vocab-size")
+    vision_num_layers: int = _size("--vision-num-layers")
+    vision_hidden_size: int = _size("--vision-hidden-size")
+    vision_ffn_hidden_size: int = _size("--vision-ffn-hidden-size")
+    vision_num_attention_heads: int = _size("--vision-num-attention-heads")
+    img_h: int = _size("--img-h")
+    img_w: int = _size("--img-w")
+    patch_dim: int = _size("--patch-dim")
+    class_token_len: int = _size("--class-token-len")
+    # RADIO's position-embedding table covers max_img_size^2 pixels
+    max_img_size: int = _size("--max-img-size")
+    vision_projection_ffn_hidden_size: int = _size("--vision-projection-ffn-hidden-size")
 
 
 _TINY = Architecture(
@@ -91,23 +97,46 @@ PRESETS: Dict[str, Architecture] = {
 
 @dataclass(frozen=True)
 class NemotronVLMConfig:
-    preset: str
-    arch: Architecture
-    transformer_impl: str
-    vision_projection_type: str
-    moe_aux_loss_coeff: float
-    image_token_id: int
-    dynamic_resolution: bool
-    freeze_lm: bool
-    freeze_vit: bool
-    freeze_projection: bool
+    arch: Architecture  # --model-preset with the size flags' overrides
+    transformer_impl: str = derived(MATCH, arg(
+        "--transformer-impl", choices=specs.TRANSFORMER_IMPLS, default=None,
+        help="Default: transformer_engine when importable, else local."))
+    image_token_id: int = derived(FREE, arg(
+        "--image-token-id", type=int, default=None,
+        help="Placeholder token id of image positions (default: vocabulary size - 1)."))
+    freeze_lm: bool = derived(FREE, arg("--freeze-lm", action="store_true",
+                                        help="Freeze the language model."))
+    freeze_vit: bool = derived(FREE, arg("--freeze-vit", action="store_true",
+                                         help="Freeze the vision encoder."))
+    preset: str = option("--model-preset", FREE, choices=sorted(PRESETS), default="tiny-cpu",
+                         help="Architecture; the size flags below override single fields of it.")
+    vision_projection_type: str = option("--vision-projection-type", MATCH,
+                                         choices=PROJECTION_TYPES, default="mlp")
+    moe_aux_loss_coeff: float = option("--moe-aux-loss-coeff", FREE, type=float, default=1e-4,
+                                       help="Weight of the sequence-level load-balancing loss.")
+    dynamic_resolution: bool = option("--dynamic-resolution", FREE, action="store_true",
+                                      help="RADIO takes packed patches of images of any size "
+                                           "(imgs_sizes).")
+    training_stage: str = option("--training-stage", FREE, choices=TRAINING_STAGES,
+                                 default="full",
+                                 help="projector-only freezes the ViT and the language model.")
+    freeze_projection: bool = option("--freeze-projection", FREE, action="store_true",
+                                     help="Freeze the vision projector.")
     # Capacity: each expert takes at most capacity_factor x its even share of a micro-batch's
     # routed tokens. Padded to that capacity, the experts' shapes are fixed and the dispatcher no
     # longer waits for per-expert counts on the host (one sync per MoE layer and micro-batch);
     # tokens over capacity are dropped (--moe-token-drop-policy), which changes the model.
-    moe_expert_capacity_factor: Optional[float] = None
-    moe_pad_expert_input_to_capacity: bool = False
-    moe_token_drop_policy: str = "probs"
+    moe_expert_capacity_factor: Optional[float] = option(
+        "--moe-expert-capacity-factor", FREE, type=float, default=None,
+        help="Drop tokens beyond this multiple of each expert's even share (default: dropless).")
+    moe_pad_expert_input_to_capacity: bool = option(
+        "--moe-pad-expert-input-to-capacity", FREE, action="store_true",
+        help="Pad every expert to its capacity: fixed shapes, no host sync per MoE layer (needs "
+             "--moe-expert-capacity-factor).")
+    moe_token_drop_policy: str = option(
+        "--moe-token-drop-policy", FREE, choices=("probs", "position"), default="probs",
+        help="Which tokens an expert over capacity drops: lowest routing probabilities, or last "
+             "in the sequence.")
 
     @property
     def image_tokens(self) -> int:
@@ -115,45 +144,13 @@ class NemotronVLMConfig:
         return (a.img_h // a.patch_dim // 2) * (a.img_w // a.patch_dim // 2)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Nemotron MoE VLM provider")
-    g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny-cpu",
-                   help="Architecture; the size flags below override single fields of it.")
-    g.add_argument("--transformer-impl", choices=specs.TRANSFORMER_IMPLS, default=None,
-                   help="Default: transformer_engine when importable, else local.")
-    g.add_argument("--vision-projection-type", choices=PROJECTION_TYPES, default="mlp")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-4,
-                   help="Weight of the sequence-level load-balancing loss.")
-    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
-                   help="Drop tokens beyond this multiple of each expert's even share "
-                        "(default: dropless).")
-    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
-                   help="Pad every expert to its capacity: fixed shapes, no host sync per MoE "
-                        "layer (needs --moe-expert-capacity-factor).")
-    g.add_argument("--moe-token-drop-policy", choices=("probs", "position"), default="probs",
-                   help="Which tokens an expert over capacity drops: lowest routing "
-                        "probabilities, or last in the sequence.")
-    g.add_argument("--image-token-id", type=int, default=None,
-                   help="Placeholder token id of image positions (default: vocabulary size - 1).")
-    g.add_argument("--dynamic-resolution", action="store_true",
-                   help="RADIO takes packed patches of images of any size (imgs_sizes).")
-    g.add_argument("--training-stage", choices=TRAINING_STAGES, default="full",
-                   help="projector-only freezes the ViT and the language model.")
-    g.add_argument("--freeze-lm", action="store_true", help="Freeze the language model.")
-    g.add_argument("--freeze-vit", action="store_true", help="Freeze the vision encoder.")
-    g.add_argument("--freeze-projection", action="store_true", help="Freeze the vision projector.")
-    sizes = parser.add_argument_group("Nemotron MoE VLM sizes (default: the preset's)")
-    for f in fields(Architecture):
-        sizes.add_argument(_flag(f.name), type=str if f.type == "str" else int, default=None)
+    add_group(parser, "Nemotron MoE VLM provider", NemotronVLMConfig)
+    add_group(parser, "Nemotron MoE VLM sizes (default: the preset's)", Architecture)
 
 
 def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(Architecture)
-                 if getattr(args, f.name) is not None}
+    overrides = {k: v for k, v in read(Architecture, args).items() if v is not None}
     arch = replace(PRESETS[args.model_preset], **overrides)
     validate_architecture(arch)
     impl = args.transformer_impl or ("transformer_engine" if specs.te_available() else "local")
@@ -172,22 +169,17 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
         raise ValueError("--training-stage projector-only trains only the projector; "
                          "--freeze-projection would leave nothing to train")
     projector_only = args.training_stage == "projector-only"
-    return NemotronVLMConfig(
-        preset=args.model_preset, arch=arch, transformer_impl=impl,
-        vision_projection_type=args.vision_projection_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_token_drop_policy=args.moe_token_drop_policy, image_token_id=image_token_id,
-        dynamic_resolution=args.dynamic_resolution, freeze_lm=args.freeze_lm or projector_only,
-        freeze_vit=args.freeze_vit or projector_only, freeze_projection=args.freeze_projection)
+    return NemotronVLMConfig(**read(NemotronVLMConfig, args), arch=arch, transformer_impl=impl,
+                             image_token_id=image_token_id,
+                             freeze_lm=args.freeze_lm or projector_only,
+                             freeze_vit=args.freeze_vit or projector_only)
 
 
 def validate_architecture(a: Architecture) -> None:
     for f in fields(Architecture):
         value = getattr(a, f.name)
         if f.name != "hybrid_layer_pattern" and value < 1:
-            raise ValueError(f"{_flag(f.name)} {value} must be >= 1")
+            raise ValueError(f"{label(f)} {value} must be >= 1")
     unknown = sorted(set(a.hybrid_layer_pattern) - set(LAYER_SYMBOLS))
     if not a.hybrid_layer_pattern or unknown:
         raise ValueError(f"--hybrid-layer-pattern {a.hybrid_layer_pattern!r}: layers are one of "
@@ -233,13 +225,6 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       encoder_tokens_per_image=(a.img_h // a.patch_dim) * (a.img_w // a.patch_dim)
                       + a.class_token_len, transformer_impl=cfg.transformer_impl,
                       sequence_parallel=True)
-
-
-def checkpoint_must_match(cfg: NemotronVLMConfig) -> dict:
-    """Shapes and parameter names; freezing, the training stage, the aux-loss weight, the image
-    token id and dynamic resolution may change between stages."""
-    return {"arch": dataclasses.asdict(cfg.arch), "transformer_impl": cfg.transformer_impl,
-            "vision_projection_type": cfg.vision_projection_type}
 
 
 def language_params(a: Architecture) -> int:
@@ -325,15 +310,21 @@ def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
                     max_image_side=a.max_img_size)
 
 
+def _kernel_fields(kernels: Optional[KernelChoices], **branch) -> dict:
+    # None (tests and tools that build one branch): megatron-core's defaults, which are also
+    # those of the trainer's default kernel options
+    return {} if kernels is None else kernels.transformer_fields(**branch)
+
+
 def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_tp: int,
-                    dtype: torch.dtype, kernels: KernelConfig = KernelConfig(),
+                    dtype: torch.dtype, kernels: Optional[KernelChoices] = None,
                     sequence_parallel: bool = False):
     from megatron.core.activations import squared_relu
 
     a = cfg.arch
     te = cfg.transformer_impl == "transformer_engine"
     return common.transformer_config(
-        tp=tp, pp=pp, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=True, graphs=True),
+        tp=tp, pp=pp, dtype=dtype, kernel_fields=_kernel_fields(kernels, fp8=True, graphs=True),
         num_layers=len(a.hybrid_layer_pattern),
         hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         num_query_groups=a.num_query_groups, kv_channels=a.kv_channels,
@@ -343,7 +334,8 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
         mamba_state_dim=a.mamba_state_dim, mamba_num_groups=a.mamba_num_groups,
         # Mamba's fused path (conv, scan, gate and norm in one autograd function that recomputes
         # in backward) needs causal-conv1d's CUDA extension; without it the unfused path runs.
-        use_mamba_mem_eff_path=use_mamba_mem_eff_path(kernels),
+        use_mamba_mem_eff_path=(specs.causal_conv1d_available() if kernels is None
+                                else kernels.use_mamba_mem_eff_path),
         num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
         moe_router_topk=a.moe_router_topk, moe_router_score_function="sigmoid",
@@ -360,7 +352,7 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
 
 def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep: int,
                   expt_tp: int, dtype: torch.dtype, seq_length: int,
-                  kernels: KernelConfig = KernelConfig(), sequence_parallel: bool = False):
+                  kernels: Optional[KernelChoices] = None, sequence_parallel: bool = False):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -379,7 +371,7 @@ def language_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, pp: int, ep
 
 
 def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch.dtype,
-                 kernels: KernelConfig = KernelConfig()):
+                 kernels: Optional[KernelChoices] = None):
     from megatron.core.activations import squared_relu
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -390,7 +382,7 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
 
     a = cfg.arch
     vit_config = common.transformer_config(
-        tp=tp, pp=1, dtype=dtype, kernel_fields=kernels.transformer_fields(fp8=False),
+        tp=tp, pp=1, dtype=dtype, kernel_fields=_kernel_fields(kernels, fp8=False),
         num_layers=a.vision_num_layers,
         hidden_size=a.vision_hidden_size, ffn_hidden_size=a.vision_ffn_hidden_size,
         num_attention_heads=a.vision_num_attention_heads, add_bias_linear=True, add_qkv_bias=True,
@@ -421,7 +413,7 @@ def module_config(module) -> object:
 
 
 def build(cfg: NemotronVLMConfig, *, topology, dtype: torch.dtype, seq_length: int,
-          device: torch.device, kernels: KernelConfig):
+          device: torch.device, kernels: KernelChoices):
     """Build this rank's part of the non-colocated MimoModel (unwrapped, on the current device)."""
     # Checked on every rank, so all of them stop with the same error.
     if "M" in cfg.arch.hybrid_layer_pattern:

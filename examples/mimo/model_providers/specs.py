@@ -1,7 +1,7 @@
 """Layer specs for the Nemotron VLM on either backend (``--transformer-impl``).
 
 megatron-core 0.19.2 ships the hybrid (Mamba/attention/MoE) stack spec for transformer-engine only.
-The local specs here use megatron-core's own non-TE modules, in compat.local_hybrid_stack (whose
+The local specs here use megatron-core's own non-TE modules, in layers.local_hybrid_stack (whose
 final norm is not the TENorm that ``HybridStack`` hard-wires).
 """
 
@@ -13,13 +13,25 @@ import importlib.util
 
 import torch
 
-from examples.mimo.training.hetero import compat
+from examples.mimo.model_providers import layers
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def causal_conv1d_available() -> bool:
+    """causal-conv1d with its CUDA extension (the pure-Python part alone cannot run Mamba's
+    fused path)."""
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return False
+    try:
+        import causal_conv1d_cuda  # noqa: F401  (the compiled extension)
+    except ImportError:
+        return False
+    return True
 
 
 def check_transformer_impl(impl: str) -> None:
@@ -114,7 +126,7 @@ def hybrid_stack_spec(impl: str, *, num_experts: int):
         from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
 
         spec = copy.deepcopy(te_spec)
-        spec.submodules.mamba_layer.submodules.mixer.module = compat.packed_mamba_mixer()
+        spec.submodules.mamba_layer.submodules.mixer.module = layers.packed_mamba_mixer()
         return spec
     return _local_hybrid_stack_spec(num_experts)
 
@@ -138,10 +150,10 @@ def _local_hybrid_stack_spec(num_experts: int):
     )
 
     # TE fuses each pre-norm into the following linear; locally the norm is its own module.
-    norm = compat.sequence_parallel_torch_norm()
+    norm = layers.sequence_parallel_torch_norm()
     mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
         norm=norm,
-        mixer=ModuleSpec(module=compat.packed_mamba_mixer(), submodules=MambaMixerSubmodules(
+        mixer=ModuleSpec(module=layers.packed_mamba_mixer(), submodules=MambaMixerSubmodules(
             in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
         mamba_bda=get_bias_dropout_add))
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
@@ -162,5 +174,5 @@ def _local_hybrid_stack_spec(num_experts: int):
         mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                             linear_fc2=RowParallelLinear)),
         mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=compat.local_hybrid_stack(), submodules=HybridStackSubmodules(
+    return ModuleSpec(module=layers.local_hybrid_stack(), submodules=HybridStackSubmodules(
         mamba_layer=mamba, attention_layer=attention, moe_layer=moe, mlp_layer=dense))

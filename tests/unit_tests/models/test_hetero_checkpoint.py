@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.unit_tests.models.dist_harness import run_train, torchrun, train
+from tests.unit_tests.models.dist_harness import read_json_lines, run_train, torchrun, train
 
 BASE = ["--global-batch-size", "8", "--seq-length", "32", "--lr", "3e-3", "--seed", "11"]
 SIX = BASE + ["--train-iters", "6"]
@@ -30,14 +30,24 @@ def straight(tmp_path_factory):
 
 
 def test_resume_is_bit_exact(straight, tmp_path):
+    """The first job writes the run record of schema 2 (record.py: the checkpoints of the code
+    before it); the second job reads it through the migration."""
     ckpt = str(tmp_path / "ckpt")
+    metrics = tmp_path / "a.jsonl"
     # The auto-resume pattern: --load = --save, missing on the first job.
-    first, proc = run_train(2, tmp_path, SIX + ["--save", ckpt, "--load", ckpt, "--exit-interval",
-                                                "3"], "a")
+    proc = torchrun(2, "tests.unit_tests.models.workers.schema2_writer",
+                    ["--device", "cpu", "--metrics-file", str(metrics), *SIX, "--save", ckpt,
+                     "--load", ckpt, "--exit-interval", "3"])
     assert f"no checkpoint in {ckpt}: starting from iteration 0" in proc.stdout
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "3"
-    second = train(2, tmp_path, SIX + ["--save", ckpt, "--load", ckpt], "b")
-    same(straight[0], first + second)
+    from megatron.core import dist_checkpointing
+
+    old = dist_checkpointing.load_common_state_dict(f"{ckpt}/iter_0000003")
+    assert old["checkpoint_version"] == 2 and "args" in old and "config" not in old
+    second, proc = run_train(2, tmp_path, SIX + ["--save", ckpt, "--load", ckpt], "b")
+    assert f"loaded {ckpt}/iter_0000003 (iteration 3)" in proc.stdout
+    assert "with changes" not in proc.stdout
+    same(straight[0], read_json_lines(metrics) + second)
 
 
 def test_reshard_dp2_to_dp1(straight, tmp_path):

@@ -1,14 +1,23 @@
 """In-process tests of checkpoint policy: --load/--save path checks, checkpoint discovery, stale
-saves, the resume policy and checksums. No process group, no torchrun."""
+saves, the resume policy, the run record's schemas, the flag declarations the policy reads, and
+checksums. No process group, no torchrun."""
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import pytest
 
+from examples.mimo import flags
+from examples.mimo.data import DATA_PROVIDERS, energon
+from examples.mimo.data import mock as mock_data
 from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.model_providers import mock as mock_model
+from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
 from examples.mimo.training.hetero import ckpt_policy as policy
-from examples.mimo.training.hetero.config import parse_config
+from examples.mimo.training.hetero import record
+from examples.mimo.training.hetero.config import GROUPS, TrainConfig, build_parser, parse_config
 from examples.mimo.training.hetero.errors import CheckpointError
 
 BASE = ["--train-iters", "4", "--lr-warmup-iters", "1"]
@@ -179,15 +188,13 @@ def test_a_failed_save_does_not_block_the_relaunch(tmp_path):
 # ---- resume policy ---------------------------------------------------------------------------
 
 def state_of(cfg, consumed=16):
-    must = MODEL_PROVIDERS[cfg.model_provider].checkpoint_must_match(cfg.model)
-    return {"args": dataclasses.asdict(cfg), "model_must_match": must,
-            "train_state": {"consumed_samples": consumed}}
+    return {**record.make(cfg), "train_state": {"consumed_samples": consumed}}
 
 
 def problems(saved_args, now_args, consumed=16, world=2, saved_world=2):
     saved = config(*saved_args, world=saved_world)
     now = config(*now_args, "--load", "ckpt", world=world)
-    return policy.resume_problems(state_of(saved, consumed), state_of(now))
+    return policy.resume_problems(state_of(saved, consumed), now)
 
 
 def test_an_unchanged_resume_has_no_problems():
@@ -205,7 +212,7 @@ def test_schedule_changes_follow_megatrons_flags(flags):
 
 def test_extending_a_finished_run_says_what_to_pass():
     found = problems([], ["--train-iters", "6"])
-    assert "--lr-decay-iters/-samples: checkpoint 32 samples, now 48 samples" in found[0]
+    assert "--lr-decay-iters/--lr-decay-samples: checkpoint 32 samples, now 48 samples" in found[0]
     assert "pass --lr-decay-iters 4 (--lr-decay-samples 32)" in found[-1]
     assert problems([], ["--train-iters", "6", "--lr-decay-iters", "4"]) == []
 
@@ -219,7 +226,7 @@ def test_stage_two_may_unfreeze_but_not_reshape():
     assert problems(["--freeze-lm", "--freeze-vit"], ["--finetune"]) == []
     assert problems(["--freeze-lm", "--freeze-vit"], []) == []
     found = problems([], ["--hidden-size", "32", "--finetune"])
-    assert found == ["model.hidden_size: checkpoint 64, now 32"]
+    assert found == ["--hidden-size: checkpoint 64, now 32"]
 
 
 def test_layout_changes_outside_dp_need_the_optimizer_left_out():
@@ -249,8 +256,107 @@ def test_a_checkpoint_without_optimizer_state_says_to_leave_it_out():
 
 def test_changed_settings_are_listed_for_the_log():
     saved, now = config(), config("--clip-grad", "0.5", "--log-interval", "3")
-    assert policy.changed_settings(dataclasses.asdict(saved), dataclasses.asdict(now)) == \
+    assert policy.changed_settings(record.make(saved)["config"], now) == \
         ["optim.clip_grad: 1.0 -> 0.5"]
+
+
+def test_another_model_provider_is_one_problem():
+    saved = config()
+    now = config("--model-provider", "nemotron_moe_vlm", "--load", "ckpt")
+    assert policy.resume_problems(state_of(saved), now) == \
+        ["--model-provider: checkpoint 'mock', now 'nemotron_moe_vlm'"]
+
+
+# ---- the run record: schema versions and migrations --------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECORDED = ("mock", "nemotron_projector_only")
+
+
+def frozen(schema):
+    return json.loads((FIXTURES / f"run_record_v{schema}.json").read_text())
+
+
+@pytest.mark.parametrize("schema", sorted(record.MIGRATIONS) + [record.SCHEMA])
+@pytest.mark.parametrize("run", RECORDED)
+def test_a_checkpoint_of_every_schema_resumes_unchanged(schema, run):
+    """A record frozen as each schema's code wrote it (fixtures/run_record_vN.json): read through
+    the migrations, the same flags resume it with nothing to refuse and nothing changed."""
+    fixture = frozen(schema)[run]
+    cfg = parse_config(fixture["flags"], world_size=fixture["world_size"])
+    common = record.read(fixture["common"], "ckpt")
+    assert common[record.KEY] == record.SCHEMA
+    assert policy.resume_problems({**common, "train_state": {"consumed_samples": 0}}, cfg) == []
+    assert policy.changed_settings(common["config"], cfg) == []
+    assert policy.same_layout(common["config"], cfg)
+
+
+@pytest.mark.parametrize("run", RECORDED)
+def test_todays_record_is_the_frozen_one_of_its_schema(run):
+    """Fails when a config field is added, renamed or removed without a new schema: then raise
+    record.SCHEMA, add a migration from the old one and freeze the new record (record.py)."""
+    fixture = frozen(record.SCHEMA)[run]
+    cfg = parse_config(fixture["flags"], world_size=fixture["world_size"])
+    today = json.loads(json.dumps(record.make(cfg), default=list))
+    assert today == fixture["common"], "the run record changed: see record.py"
+
+
+def test_an_unknown_schema_is_one_line():
+    with pytest.raises(CheckpointError, match=r"ckpt: checkpoint schema 1 is not one this trainer "
+                                              r"reads \(2, 3\)"):
+        record.read({record.KEY: 1, "args": {}}, "ckpt")
+    with pytest.raises(CheckpointError, match="schema 99"):
+        record.read({record.KEY: 99}, "ckpt")
+
+
+def test_a_field_missing_from_an_old_record_is_named_not_a_key_error():
+    saved = record.make(config())
+    del saved["config"]["grid"]["llm_only"]
+    found = policy.resume_problems({**saved, "train_state": {"consumed_samples": 0}}, config())
+    assert found == ["--llm-only: checkpoint '(not recorded)', now False"]
+
+
+# ---- flag declarations -------------------------------------------------------------------------
+
+CONTAINERS = {"TrainConfig." + f.name for f in dataclasses.fields(TrainConfig)
+              if f.name not in ("model_provider", "data_provider")} | {"NemotronVLMConfig.arch"}
+CONFIG_CLASSES = [cls for cls, _ in GROUPS] + [
+    TrainConfig, mock_model.MockModelConfig, nemotron.NemotronVLMConfig, nemotron.Architecture,
+    mock_data.MockDataConfig, energon.EnergonDataConfig]
+
+
+def test_every_field_has_a_resume_class():
+    missing = [f"{cls.__name__}.{f.name}" for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
+               if f.metadata.get("resume") not in flags.RESUME_CLASSES
+               and f"{cls.__name__}.{f.name}" not in CONTAINERS]
+    assert missing == []
+    cfg = config("--model-provider", "nemotron_moe_vlm")
+    assert None not in {kind for kind, _ in flags.resume_classes(cfg).values()}
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_PROVIDERS))
+@pytest.mark.parametrize("data", sorted(DATA_PROVIDERS))
+def test_every_flag_is_declared_once_on_a_field(model, data):
+    """Each option the trainer's parser has comes from exactly one field declaration."""
+    classes = [cls for cls, _ in GROUPS] + [TrainConfig]
+    classes += {"mock": [mock_model.MockModelConfig],
+                "nemotron_moe_vlm": [nemotron.NemotronVLMConfig, nemotron.Architecture]}[model]
+    classes += {"mock": [mock_data.MockDataConfig], "energon": [energon.EnergonDataConfig]}[data]
+    declared = [fl for cls in classes for _, fl in flags.declarations(cls)]
+    names = [name for fl in declared for name in (fl.name, *fl.aliases)]
+    assert sorted(n for n in names if names.count(n) > 1) == []
+    parser = build_parser(model, data)
+    # an action's first option string is its name (then aliases, or --no-X of a boolean pair)
+    options = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
+    assert options == {fl.name for fl in declared}
+
+
+def test_only_flags_py_calls_add_argument():
+    """The trainer, providers and data declare flags on their config fields only."""
+    root = Path(__file__).parents[3] / "examples" / "mimo"
+    sources = [root / "train_hetero.py", root / "interfaces.py",
+               *[p for d in ("training", "model_providers", "data") for p in (root / d).rglob("*.py")]]
+    assert [str(p.relative_to(root)) for p in sources if "add_argument(" in p.read_text()] == []
 
 
 # ---- checksums -------------------------------------------------------------------------------

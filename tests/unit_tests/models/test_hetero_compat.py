@@ -1,4 +1,5 @@
-"""The megatron-core 0.19.2 workarounds in compat.py: for each, a canary and a fix check.
+"""The megatron-core 0.19.2 workarounds in compat.py (and the model layers among them, in
+model_providers/layers.py): for each, a canary and a fix check.
 
 A canary asserts that upstream megatron-core still shows the symptom; when one fails after an
 upgrade, the workaround is no longer needed: delete it (and its probe). The fix check asserts
@@ -42,6 +43,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from examples.mimo.model_providers import layers
 from examples.mimo.training.hetero import compat
 from tests.unit_tests.models.dist_harness import ROOT, torchrun
 
@@ -61,8 +63,9 @@ def probes(tmp_path_factory):
 
 
 def test_every_workaround_has_a_probe():
-    public = {name for name, fn in inspect.getmembers(compat, callable)  # lru_cache'd ones too
-              if getattr(fn, "__module__", None) == compat.__name__ and not name.startswith("_")}
+    public = {name for module in (compat, layers)
+              for name, fn in inspect.getmembers(module, callable)  # lru_cache'd ones too
+              if getattr(fn, "__module__", None) == module.__name__ and not name.startswith("_")}
     assert public - {"active", "version_note", "apply_startup", "read_checkpoint_metadata"} == \
         set(PROBED) | {"import_mamba_triton_kernels", "packed_mamba_mixer",
                        "num_microbatches_for_cuda_graphs", "launcher_shutdown_grace"}
@@ -149,23 +152,23 @@ def test_import_mamba_triton_kernels_lets_megatron_find_them():
 def test_canary_mamba_mixer_refuses_packed_sequences_off_the_memory_efficient_path(probes):
     result = probes["packed_mamba_mixer"]
     assert "error" not in result, result.get("error")
-    assert result["symptom"], "MambaMixer packs without causal-conv1d now: remove compat.packed_mamba_mixer"
+    assert result["symptom"], "MambaMixer packs without causal-conv1d now: remove layers.packed_mamba_mixer"
 
 
 def test_packed_mamba_convolution_stays_within_each_sample():
-    """The short convolution of compat.packed_mamba_mixer against torch's conv1d run on each
+    """The short convolution of layers.packed_mamba_mixer against torch's conv1d run on each
     sample alone (the Triton scan's seq_idx is checked on the GPU, test_hetero_gpu_packing)."""
     torch.manual_seed(0)
     lengths, channels, width = [5, 1, 7, 3], 6, 4
     x = torch.randn(1, channels, sum(lengths))
     weight, bias = torch.randn(channels, 1, width), torch.randn(channels)
     seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
-    packed = compat._conv1d_within_segments(x, weight, bias, seq_idx)
+    packed = layers._conv1d_within_segments(x, weight, bias, seq_idx)
     alone = torch.cat([F.conv1d(part, weight, bias, padding=width - 1, groups=channels)
                        [..., :part.shape[-1]] for part in x.split(lengths, dim=-1)], dim=-1)
     torch.testing.assert_close(packed, alone, rtol=1e-6, atol=1e-6)
     # one segment: torch's causal conv exactly as megatron's unpacked path computes it
-    whole = compat._conv1d_within_segments(x, weight, bias, torch.zeros_like(seq_idx))
+    whole = layers._conv1d_within_segments(x, weight, bias, torch.zeros_like(seq_idx))
     torch.testing.assert_close(whole, F.conv1d(x, weight, bias, padding=width - 1,
                                                groups=channels)[..., :x.shape[-1]])
 

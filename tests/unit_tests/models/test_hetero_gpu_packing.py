@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from examples.mimo.training.hetero.kernels import causal_conv1d_available
+from examples.mimo.model_providers.specs import causal_conv1d_available
 from tests.unit_tests.models.test_hetero_energon import worker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

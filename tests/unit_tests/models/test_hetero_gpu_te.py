@@ -167,7 +167,7 @@ def test_recompute_gives_the_same_losses(impl, recompute):
 
 @pytest.mark.skipif(importlib.util.find_spec("causal_conv1d") is None, reason="causal-conv1d is not installed")
 def test_mamba_fused_path_is_used_and_matches_the_unfused_one():
-    from examples.mimo.training.hetero.kernels import causal_conv1d_available
+    from examples.mimo.model_providers.specs import causal_conv1d_available
 
     assert causal_conv1d_available(), "causal_conv1d is importable but its CUDA extension is not"
     used = []

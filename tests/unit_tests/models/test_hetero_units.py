@@ -133,6 +133,62 @@ def test_training_modules_reach_providers_only_through_the_runtime():
         assert not bad, (name, bad)
 
 
+def import_graph(root: Path):
+    """{module: modules of examples.mimo it imports (at any depth of the file)} of the package's
+    modules; ``from package import name`` goes to the module ``name`` when there is one."""
+    package = root / "examples" / "mimo"
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                for alias in node.names:
+                    name = f"{node.module}.{alias.name}"
+                    targets.add(name if name in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        graph[module] = targets - {module}
+    return graph
+
+
+# Lower layers never import higher ones: shared pure definitions, then the providers and the
+# data (neither imports the other), then the trainer and the tools around it.
+LAYERS = {"examples.mimo.flags": 0, "examples.mimo.interfaces": 0, "examples.mimo.images": 0,
+          "examples.mimo.model_providers": 1, "examples.mimo.data": 1}
+
+
+def layer_of(module: str) -> int:
+    for prefix, level in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return level
+    return 2
+
+
+def test_imports_never_run_back_up_the_layers_and_form_no_cycle():
+    graph = import_graph(ROOT)
+    up = [(m, t) for m, targets in graph.items() for t in targets
+          if layer_of(t) > layer_of(m) or (layer_of(m) == layer_of(t) == 1
+                                           and m.split(".")[2] != t.split(".")[2])]
+    assert up == []
+    state = {}
+
+    def cycle_from(m, path):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                return path + [m, t]
+            if t not in state and (found := cycle_from(t, path + [m])):
+                return found
+        state[m] = "done"
+        return None
+
+    cycles = [c for m in sorted(graph) if m not in state and (c := cycle_from(m, []))]
+    assert cycles == []
+
+
 def test_no_megatron_core_workaround_is_applied_at_import():
     """Importing every training module patches nothing (a fresh interpreter): compat applies
     its workarounds at start-up."""

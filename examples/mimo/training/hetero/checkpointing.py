@@ -17,7 +17,6 @@ other pickled object with torch.load(weights_only=True) (compat.refuse_pickled_c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import shutil
@@ -33,9 +32,8 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch
-from examples.mimo.training.hetero import compat, savelock
+from examples.mimo.training.hetero import compat, record, savelock
 from examples.mimo.training.hetero.ckpt_policy import (
-    CHECKPOINT_VERSION,
     TRACKER,
     changed_settings,
     check_paths,
@@ -108,13 +106,10 @@ def read_common(path: str) -> dict:
         common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as err:
         raise CheckpointError(f"cannot read the common state of {path}: {describe(err)}") from err
-    if common.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {common.get('checkpoint_version')!r}, "
-                              f"expected {CHECKPOINT_VERSION}")
-    return common
+    return record.read(common, path)
 
 
-def preflight(cfg, model_must_match: dict) -> List[str]:
+def preflight(cfg) -> List[str]:
     """Before any process group: --load/--save against the file system, and a resume against
     the resume policy. Raises ValueError (one line); returns log lines (what the resume changes)."""
     check_paths(cfg.ckpt)
@@ -129,11 +124,10 @@ def preflight(cfg, model_must_match: dict) -> List[str]:
         common = read_common(found[1])
     except CheckpointError as err:
         raise ValueError(str(err)) from err
-    now = {"args": dataclasses.asdict(cfg), "model_must_match": model_must_match}
-    problems = resume_problems(common, now)
+    problems = resume_problems(common, cfg)
     if problems:
         raise ValueError(f"cannot resume {found[1]}: " + "; ".join(problems))
-    changes = changed_settings(common["args"], now["args"])
+    changes = changed_settings(common["config"], cfg)
     return [f"resuming {found[1]} with changes: " + ", ".join(changes)] if changes else []
 
 
@@ -176,10 +170,7 @@ class Checkpointer:
         return state
 
     def _common_state(self) -> dict:
-        cfg = self.rt.cfg
-        return {"checkpoint_version": CHECKPOINT_VERSION, "args": dataclasses.asdict(cfg),
-                "model_must_match": self.rt.model_provider.checkpoint_must_match(cfg.model),
-                **{key: obj.state_dict() for key, obj in self.common.items()}}
+        return {**record.make(self.rt.cfg), **{key: obj.state_dict() for key, obj in self.common.items()}}
 
     # ---- save -----------------------------------------------------------------------------
 
@@ -323,7 +314,7 @@ class Checkpointer:
         self._verify(path)
         verified = time.perf_counter() - start
         common = read_common(path)
-        layout = same_layout(common["args"], dataclasses.asdict(cfg))
+        layout = same_layout(common["config"], cfg)
         with_optim = not (ck.no_load_optim or ck.finetune)
         # Per-rank state (RNG, a per-rank data loader) only means something on the layout that
         # wrote it; a fine-tune starts both afresh.
@@ -369,8 +360,8 @@ class Checkpointer:
                 if key == "scheduler" and ck.use_checkpoint_opt_param_scheduler:
                     # megatron-core's scheduler state has no WSD fields; take them from the
                     # checkpoint's configuration too.
-                    self.scheduler.wsd_decay_steps = common["args"]["schedule"]["wsd_decay_samples"]
-                    self.scheduler.lr_wsd_decay_style = common["args"]["schedule"]["wsd_decay_style"]
+                    self.scheduler.wsd_decay_steps = common["config"]["schedule"]["wsd_decay_samples"]
+                    self.scheduler.lr_wsd_decay_style = common["config"]["schedule"]["wsd_decay_style"]
                 obj.load_state_dict(common[key])
         # The schedule the resume policy chose (scheduler.max_lr/min_lr) drives every param
         # group; re-apply LR and weight decay to the (possibly reloaded) groups.
@@ -405,8 +396,7 @@ def resolve_pretrained(source: str) -> tuple:
     if not is_complete(path):
         raise CheckpointError(f"{source} is not a complete dist-checkpoint")
     try:
-        hetero = dist_checkpointing.load_common_state_dict(path).get("checkpoint_version") \
-            == CHECKPOINT_VERSION
+        hetero = record.is_ours(dist_checkpointing.load_common_state_dict(path))
     except (Exception, CheckpointException):
         hetero = False
     return path, hetero

@@ -12,6 +12,7 @@ line, and they are tested in-process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -20,26 +21,12 @@ import tempfile
 import zlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from examples.mimo.flags import LAYOUT, MATCH, QUIET, SCHEDULE, resume_classes
 from examples.mimo.training.hetero.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "checksums.json"
-CHECKPOINT_VERSION = 2
 _CHUNK = 16 * 2 ** 20
-
-# What dist-checkpointing cannot reshard in our format: the optimizer state is saved
-# "dp_reshardable", so a branch's TP/PP/EP layout must match whenever it is loaded.
-OPTIMIZER_LAYOUT = {"encoder_tp": "--encoder-tp", "llm_tp": "--llm-tp", "llm_pp": "--llm-pp",
-                    "llm_ep": "--llm-ep", "llm_expt_tp": "--llm-expt-tp"}
-# The LR/WD schedule a checkpoint's scheduler was built with (ScheduleConfig fields).
-SCHEDULE_FLAGS = {
-    "lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay",
-    "warmup_samples": "--lr-warmup-iters/-samples", "decay_samples": "--lr-decay-iters/-samples",
-    "decay_style": "--lr-decay-style", "wsd_decay_samples": "--lr-wsd-decay-iters/-samples",
-    "wsd_decay_style": "--lr-wsd-decay-style",
-}
-# Run control: free to change, not worth listing as a change.
-_QUIET = ("ckpt", "log", "runtime.distributed_timeout_minutes", "runtime.device")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -227,72 +214,82 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def _diff(saved: dict, now: dict) -> List[Tuple[str, object, object]]:
-    a, b = _flatten(saved), _flatten(now)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+_ABSENT = "(not recorded)"
 
 
-def resume_problems(saved: dict, now: dict) -> List[str]:
-    """Why a run configured as ``now`` may not resume the checkpoint ``saved``.
+def _changed(saved_config: dict, cfg) -> List[Tuple[str, str, str, object, object]]:
+    """(field, resume class, label, checkpoint's value, now) of each field of ``cfg`` whose value
+    differs from the checkpoint's. Another provider's fields are not compared (the provider's
+    own field says it changed)."""
+    a, b = _flatten(saved_config), _flatten(dataclasses.asdict(cfg))
+    out = []
+    for name, (kind, label) in resume_classes(cfg).items():
+        if name.startswith(("model.", "data.")) and \
+                saved_config.get(f"{name.split('.')[0]}_provider") != \
+                getattr(cfg, f"{name.split('.')[0]}_provider"):
+            continue
+        if a.get(name, _ABSENT) != b[name]:
+            out.append((name, kind, label, a.get(name, _ABSENT), b[name]))
+    return out
 
-    Both hold "args" (dataclasses.asdict(TrainConfig)) and "model_must_match" (the provider's
-    checkpoint_must_match), ``saved`` also the checkpoint's "train_state"; the load flags are
-    ``now``'s. Must match: the model provider
-    and its must-match fields, --llm-only, and the TP/PP/EP layout when optimizer state is
-    loaded. The LR schedule follows Megatron: a change needs --override-opt_param-scheduler (use
-    the new values) or --use-checkpoint-opt_param-scheduler (keep the checkpoint's), unless the
-    scheduler is not loaded. Everything else may change."""
-    a, b = saved["args"], now["args"]
-    ck = b["ckpt"]
-    problems = []
-    if a["model_provider"] != b["model_provider"]:
-        problems.append(f"--model-provider: checkpoint {a['model_provider']}, now {b['model_provider']}")
-    problems += [f"model.{k}: checkpoint {x!r}, now {y!r}"
-                 for k, x, y in _diff(saved["model_must_match"], now["model_must_match"])]
-    if a["grid"]["llm_only"] != b["grid"]["llm_only"]:
-        problems.append(f"--llm-only: checkpoint {a['grid']['llm_only']}, now {b['grid']['llm_only']}")
-    load_optim = not (ck["finetune"] or ck["no_load_optim"])
+
+def resume_problems(saved: dict, cfg) -> List[str]:
+    """Why a run configured as ``cfg`` (its TrainConfig) may not resume the checkpoint ``saved``
+    (its common state at today's schema: "config", "train_state").
+
+    Each field's resume class (flags.py, declared with its flag) decides. MATCH: refused when it
+    differs (the model provider and shapes: the weights depend on them). LAYOUT: refused when the
+    optimizer state is loaded (it reshards across DP only). SCHEDULE: Megatron's rule, a change
+    needs --override-opt_param-scheduler (use the new values) or
+    --use-checkpoint-opt_param-scheduler (keep the checkpoint's), unless the scheduler is not
+    loaded. Everything else may change."""
+    a = saved["config"]
+    ck = cfg.ckpt
+    changed = _changed(a, cfg)
+    problems = [f"{label}: checkpoint {x!r}, now {y!r}"
+                for _, kind, label, x, y in changed if kind == MATCH]
+    load_optim = not (ck.finetune or ck.no_load_optim)
     if load_optim and a["ckpt"]["no_save_optim"]:
         problems.append("the checkpoint was saved with --no-save-optim and has no optimizer "
                         "state: pass --no-load-optim (a fresh optimizer) or --finetune")
     if load_optim:
-        problems += [f"{flag}: checkpoint {a['grid'][k]}, now {b['grid'][k]} (optimizer state "
-                     f"reshards across DP only; load weights alone with --no-load-optim)"
-                     for k, flag in OPTIMIZER_LAYOUT.items() if a["grid"][k] != b["grid"][k]]
-    load_scheduler = not (ck["finetune"] or ck["no_load_scheduler"])
-    if load_scheduler and not (ck["override_opt_param_scheduler"]
-                               or ck["use_checkpoint_opt_param_scheduler"]):
+        problems += [f"{label}: checkpoint {x}, now {y} (optimizer state reshards across DP "
+                     f"only; load weights alone with --no-load-optim)"
+                     for _, kind, label, x, y in changed if kind == LAYOUT]
+    load_scheduler = not (ck.finetune or ck.no_load_scheduler)
+    if load_scheduler and not (ck.override_opt_param_scheduler
+                               or ck.use_checkpoint_opt_param_scheduler):
         unit = lambda k: " samples" if k.endswith("_samples") else ""  # noqa: E731
-        changed = [f"{flag}: checkpoint {a['schedule'][k]!r}{unit(k)}, now {b['schedule'][k]!r}{unit(k)}"
-                   for k, flag in SCHEDULE_FLAGS.items() if a["schedule"][k] != b["schedule"][k]]
-        if changed:
+        schedule = [f"{label}: checkpoint {x!r}{unit(k)}, now {y!r}{unit(k)}"
+                    for k, kind, label, x, y in changed if kind == SCHEDULE]
+        if schedule:
             hint = ("pass --override-opt_param-scheduler to train on with the new schedule, "
                     "--use-checkpoint-opt_param-scheduler to keep the checkpoint's, or "
                     "--no-load-scheduler to restart it")
             g = a["batch"]["global_batch_size"]
             decay = a["schedule"]["decay_samples"]
-            if (a["schedule"]["train_iters"] != b["schedule"]["train_iters"]
-                    and decay != b["schedule"]["decay_samples"]):
+            if (a["schedule"]["train_iters"] != cfg.schedule.train_iters
+                    and decay != cfg.schedule.decay_samples):
                 hint += (f"; --lr-decay-iters defaults to --train-iters: to extend the run and keep "
                          f"the checkpoint's decay pass --lr-decay-iters {decay // g} "
                          f"(--lr-decay-samples {decay})")
-            problems += changed + [hint]
-    if not ck["finetune"]:
+            problems += schedule + [hint]
+    if not ck.finetune:
         consumed = saved["train_state"]["consumed_samples"]
-        if consumed % b["batch"]["global_batch_size"]:
-            problems.append(f"--global-batch-size {b['batch']['global_batch_size']} does not divide "
+        if consumed % cfg.batch.global_batch_size:
+            problems.append(f"--global-batch-size {cfg.batch.global_batch_size} does not divide "
                             f"the checkpoint's {consumed} consumed samples")
     return problems
 
 
-def changed_settings(saved_args: dict, now_args: dict) -> List[str]:
+def changed_settings(saved_config: dict, cfg) -> List[str]:
     """What this run changes relative to the checkpoint it resumes, for the log."""
-    return [f"{k}: {x!r} -> {y!r}" for k, x, y in _diff(saved_args, now_args)
-            if not k.startswith(_QUIET)]
+    return [f"{k}: {x!r} -> {y!r}" for k, kind, _, x, y in _changed(saved_config, cfg)
+            if kind != QUIET]
 
 
-def same_layout(saved_args: dict, now_args: dict) -> bool:
-    return saved_args["grid"] == now_args["grid"]
+def same_layout(saved_config: dict, cfg) -> bool:
+    return saved_config["grid"] == dataclasses.asdict(cfg.grid)
 
 
 # ---- checksums -------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import math
 from fractions import Fraction
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
 
 from examples.mimo.data import DATA_PROVIDERS
+from examples.mimo.flags import (FREE, LAYOUT, MATCH, QUIET, SCHEDULE, Flag, add_group, arg,
+                                 derived, option, read)
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
 from examples.mimo.training.hetero import graphs, kernels, profiling
@@ -23,16 +25,35 @@ WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 @dataclass(frozen=True)
 class GridConfig:
-    encoder_tp: int
-    encoder_dp: int
-    llm_tp: int
-    llm_pp: int
-    llm_dp: int
-    llm_ep: int
-    llm_expt_tp: int
-    llm_only: bool
-    colocated: bool = False  # both modules on every rank, each with its own TP/DP; no bridge
-    sequence_parallel: bool = False  # the LLM's TP regions split the sequence (LLM branch only)
+    encoder_tp: int = option("--encoder-tp", LAYOUT, type=int, default=1,
+                             help="Encoder tensor-parallel size.")
+    encoder_dp: int = option("--encoder-dp", FREE, type=int, default=1,
+                             help="Encoder data-parallel size.")
+    llm_tp: int = option("--llm-tp", LAYOUT, type=int, default=1, help="LLM tensor-parallel size.")
+    llm_pp: int = option("--llm-pp", LAYOUT, type=int, default=1,
+                         help="LLM pipeline-parallel size.")
+    llm_dp: int = option("--llm-dp", FREE, type=int, default=1,
+                         help="LLM data-parallel size (one lane each).")
+    llm_ep: int = option("--llm-ep", LAYOUT, type=int, default=1, help="LLM expert-parallel size.")
+    llm_expt_tp: int = derived(LAYOUT, arg("--llm-expt-tp", type=int, default=None,
+                                            help="LLM expert tensor-parallel size (default: "
+                                                 "--llm-tp)."), default=1)
+    llm_only: bool = option("--llm-only", MATCH, action="store_true",
+                            help="No encoder grid; text-only LLM training.")
+    # both modules on every rank, each with its own TP/DP; no bridge
+    colocated: bool = option(
+        "--colocated", FREE, action="store_true",
+        help="Both modules on every rank (megatron-core's COLOCATED MimoModel), each with its own "
+             "TP/DP; --encoder-tp x --encoder-dp = --llm-tp x --llm-dp = world size. The "
+             "baseline a hetero layout is measured against.")
+    # the LLM's TP regions split the sequence (LLM branch only)
+    sequence_parallel: bool = option(
+        "--sequence-parallel", FREE, action="store_true",
+        help="Split the LLM's sequence over its --llm-tp ranks outside the TP matmuls (MimoModel "
+             "scatters the combined text and image embeddings); megatron-core needs it for "
+             "experts with --llm-tp > 1. The encoder's layers are not split.")
+    context_parallel_size: int = option("--context-parallel-size", FREE, type=int, default=1,
+                                        help="Must be 1 (not supported).")
 
     @property
     def encoder_size(self) -> int:
@@ -60,82 +81,162 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    micro_batch_size: int
-    global_batch_size: int
-    seq_length: int
-    num_microbatches: int
+    micro_batch_size: int = option("--micro-batch-size", FREE, type=int, default=2,
+                                   help="Samples per LLM micro-batch.")
+    global_batch_size: int = option("--global-batch-size", FREE, type=int, default=8,
+                                    help="Samples per iteration.")
+    seq_length: int = option("--seq-length", FREE, type=int, default=64, help="Tokens per sample.")
+    num_microbatches: int = derived(FREE, default=1)
+
+
+def _in_samples(name: str, help: str = None) -> Tuple[Flag, Flag]:
+    """The pair of flags of a schedule length: in iterations or in samples (Megatron's)."""
+    return (arg(f"--{name}-iters", type=int, default=None, help=help),
+            arg(f"--{name}-samples", type=int, default=None, help=help))
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Everything in samples, as OptimizerParamScheduler steps by the global batch."""
 
-    train_iters: int
-    lr: float
-    min_lr: float
-    warmup_samples: int
-    decay_samples: int
-    decay_style: str
-    wsd_decay_samples: Optional[int]
-    wsd_decay_style: Optional[str]
-    weight_decay: float
+    train_iters: int = derived(FREE, arg("--train-iters", type=int, default=None,
+                                          help="Iterations to train."),
+                               arg("--train-samples", type=int, default=None,
+                                    help="Samples to train; iterations = ceil(samples / global "
+                                         "batch)."))
+    warmup_samples: int = derived(SCHEDULE, *_in_samples("lr-warmup"))
+    decay_samples: int = derived(SCHEDULE, *_in_samples("lr-decay", "Default: the whole run."))
+    lr: float = option("--lr", SCHEDULE, type=float, default=1e-3)
+    min_lr: float = option("--min-lr", SCHEDULE, type=float, default=0.0)
+    decay_style: str = option("--lr-decay-style", SCHEDULE, choices=DECAY_STYLES, default="cosine")
+    wsd_decay_samples: Optional[int] = derived(SCHEDULE, *_in_samples("lr-wsd-decay"), default=None)
+    wsd_decay_style: Optional[str] = option("--lr-wsd-decay-style", SCHEDULE,
+                                            choices=WSD_DECAY_STYLES, default=None)
+    weight_decay: float = option("--weight-decay", SCHEDULE, type=float, default=0.01)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    clip_grad: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    max_consecutive_skipped_iters: int  # 0: never stop
-    check_for_spiky_loss: bool = True  # divergence.py
-    check_for_large_grads: bool = False
-    spiky_loss_factor: float = 10.0
+    clip_grad: float = option("--clip-grad", FREE, type=float, default=1.0,
+                              help="Global grad-norm clip; 0 disables.")
+    adam_beta1: float = option("--adam-beta1", FREE, type=float, default=0.9)
+    adam_beta2: float = option("--adam-beta2", FREE, type=float, default=0.999)
+    adam_eps: float = option("--adam-eps", FREE, type=float, default=1e-8)
+    max_consecutive_skipped_iters: int = option(
+        "--max-consecutive-skipped-iters", FREE, type=int, default=10,
+        help="Stop with an error after this many iterations in a row were skipped for non-finite "
+             "gradients (a diverging run); 0 never stops.")
+    # divergence.py
+    check_for_spiky_loss: bool = option(
+        "--check-for-spiky-loss", FREE, action=argparse.BooleanOptionalAction, default=True,
+        help="Stop with an error (exit 1, no further save) when the loss exceeds "
+             "--spiky-loss-factor x the largest of the last 100 iterations' (a diverging run "
+             "whose loss stays finite). On by default, unlike Megatron.")
+    check_for_large_grads: bool = option("--check-for-large-grads", FREE,
+                                         action=argparse.BooleanOptionalAction, default=False,
+                                         help="The same test on the grad norm.")
+    spiky_loss_factor: float = option("--spiky-loss-factor", FREE, type=float, default=10.0,
+                                      help="The factor of both checks (Megatron's fixed value: "
+                                           "10).")
 
 
 @dataclass(frozen=True)
 class DDPConfig:
-    overlap_grad_reduce: bool
-    bucket_size: Optional[int]
+    overlap_grad_reduce: bool = option(
+        "--overlap-grad-reduce", FREE, action="store_true",
+        help="Overlap the LLM's grad reduce with backward. The encoder never overlaps: text-only "
+             "steps leave its buckets without grads.")
+    bucket_size: Optional[int] = option("--ddp-bucket-size", FREE, type=int, default=None,
+                                        help="Elements per DDP bucket.")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    device: str  # auto | cuda | cpu; resolved by device.py
-    bf16: bool
-    seed: int
-    distributed_timeout_minutes: float
-    dry_run: bool
+    # resolved by device.py
+    device: str = option("--device", QUIET, choices=("auto", "cuda", "cpu"), default="auto",
+                         help="cpu runs megatron-core on gloo (see device.py).")
+    bf16: bool = option("--bf16", FREE, action="store_true",
+                        help="bf16 params and compute (CUDA only).")
+    seed: int = option("--seed", FREE, type=int, default=1234)
+    distributed_timeout_minutes: float = option(
+        "--distributed-timeout-minutes", QUIET, type=float, default=10.0,
+        help="Collective timeout; a stuck job ends within it.")
+    dry_run: bool = option("--dry-run", QUIET, action="store_true",
+                           help="Validate, print the resolved layout (grids, lanes, micro-batches, "
+                                "parameters per branch) and exit; WORLD_SIZE gives the world "
+                                "size.")
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    log_interval: int
-    metrics_file: Optional[str]
-    tensorboard_dir: Optional[str]
-    eval_interval: Optional[int]  # validation every N iterations and at the end; None: never
-    eval_iters: int  # validation global batches per evaluation
+    log_interval: int = option("--log-interval", QUIET, type=int, default=1)
+    metrics_file: Optional[str] = option(
+        "--metrics-file", QUIET, default=None,
+        help="JSON lines of per-iteration metrics, written by the logging rank.")
+    tensorboard_dir: Optional[str] = option(
+        "--tensorboard-dir", QUIET, default=None,
+        help="TensorBoard event files (Megatron's scalar names), logging rank.")
+    eval_interval: Optional[int] = option(
+        "--eval-interval", QUIET, type=int, default=None,
+        help="Validation loss every N iterations and after the last one.")
+    eval_iters: int = option("--eval-iters", QUIET, type=int, default=10,
+                             help="Global batches of the validation split per evaluation.")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    save: Optional[str]
-    load: Optional[str]
-    save_interval: Optional[int]
-    exit_interval: Optional[int]
-    no_save_optim: bool
-    no_load_optim: bool
-    no_load_rng: bool
-    no_load_scheduler: bool
-    finetune: bool
-    load_language_from: Optional[str]
-    load_vision_from: Optional[str]
-    allow_existing_save: bool
-    override_opt_param_scheduler: bool
-    use_checkpoint_opt_param_scheduler: bool
-    exit_signal: Optional[str] = None  # --exit-signal-handler: the signal that makes ranks save and exit
-    exit_duration_mins: Optional[float] = None
-    keep_latest_checkpoints: int = 0  # 0: keep all
+    save: Optional[str] = option("--save", QUIET, default=None,
+                                 help="Directory for checkpoints (iter_NNNNNNN/).")
+    load: Optional[str] = option(
+        "--load", QUIET, default=None,
+        help="Resume from the latest checkpoint here. An empty directory starts fresh; a "
+             "missing one only when it is also --save (auto-resume).")
+    save_interval: Optional[int] = option("--save-interval", QUIET, type=int, default=None,
+                                          help="Iterations between saves.")
+    exit_interval: Optional[int] = option(
+        "--exit-interval", QUIET, type=int, default=None,
+        help="Stop (after saving, with --save) once the iteration is a multiple of this.")
+    # the signal that makes ranks save and exit
+    exit_signal: Optional[str] = derived(
+        QUIET, arg("--exit-signal-handler", action="store_true",
+                    help="On --exit-signal every rank finishes its iteration, saves and exits 0."),
+        arg("--exit-signal", choices=SIGNALS, default="SIGTERM",
+             help="The signal --exit-signal-handler acts on (SLURM: --signal=...)."),
+        default=None)
+    exit_duration_mins: Optional[float] = option(
+        "--exit-duration-in-mins", QUIET, type=float, default=None,
+        help="Save and exit once the job has run this long (before its time limit).")
+    keep_latest_checkpoints: int = option(
+        "--keep-latest-checkpoints", QUIET, type=int, default=0,
+        help="After each save keep only the newest N iterations in --save (0: all); the one "
+             "this job resumed from and the newest known good one are kept too. Each deletion "
+             "is logged.")
+    no_save_optim: bool = option("--no-save-optim", QUIET, action="store_true",
+                                 help="Save model weights only.")
+    no_load_optim: bool = option("--no-load-optim", QUIET, action="store_true",
+                                 help="Do not load optimizer state.")
+    no_load_rng: bool = option("--no-load-rng", QUIET, action="store_true",
+                               help="Do not load RNG state.")
+    no_load_scheduler: bool = option("--no-load-scheduler", QUIET, action="store_true",
+                                     help="Do not load the LR schedule.")
+    finetune: bool = option("--finetune", QUIET, action="store_true",
+                            help="Load model weights only and start at iteration 0.")
+    load_language_from: Optional[str] = option(
+        "--load-language-from", QUIET, default=None,
+        help="Single-grid Megatron dist-checkpoint of the language model to start from.")
+    load_vision_from: Optional[str] = option(
+        "--load-vision-from", QUIET, default=None,
+        help="Single-grid Megatron dist-checkpoint of the vision encoder to start from.")
+    allow_existing_save: bool = option(
+        "--allow-existing-save", QUIET, action="store_true",
+        help="Let --save be a directory holding checkpoints this run does not resume (or the one "
+             "--finetune loads from); its tracker will move to this run's.")
+    override_opt_param_scheduler: bool = option(
+        "--override-opt_param-scheduler", QUIET, action="store_true",
+        help="On resume, use this run's LR/WD schedule flags, not the checkpoint's.")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        "--use-checkpoint-opt_param-scheduler", QUIET, action="store_true",
+        help="On resume, keep the checkpoint's LR/WD schedule, whatever the flags say.")
 
 
 @dataclass(frozen=True)
@@ -148,12 +249,23 @@ class TrainConfig:
     runtime: RuntimeConfig
     log: LogConfig
     ckpt: CheckpointConfig
-    model_provider: str
     model: object  # the provider's own frozen config
-    data_provider: str
     data: object  # the data provider's own frozen config
+    model_provider: str = option("--model-provider", MATCH, default="mock",
+                                 help=f"One of {sorted(MODEL_PROVIDERS)}.")
+    data_provider: str = option("--data-provider", FREE, default="mock",
+                                help=f"One of {sorted(DATA_PROVIDERS)}.")
     kernels: kernels.KernelConfig = kernels.KernelConfig()
     profile: profiling.ProfileConfig = profiling.ProfileConfig()
+
+
+# The trainer's concerns in --help order, each with its group's title.
+GROUPS = ((GridConfig, "hetero grids"), (BatchConfig, "batch"),
+          (ScheduleConfig, "training and learning-rate schedule"),
+          (OptimConfig, "optimizer and divergence checks"),
+          (DDPConfig, "distributed data parallel"), (RuntimeConfig, "runtime"),
+          (LogConfig, "logging"), (CheckpointConfig, "checkpointing"),
+          (kernels.KernelConfig, kernels.GROUP), (profiling.ProfileConfig, profiling.GROUP))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,132 +282,10 @@ def build_parser(model_provider: str = "mock", data_provider: str = "mock") -> a
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # --train-iter must not silently mean --train-iters
     )
-    g = p.add_argument_group("hetero grids")
-    g.add_argument("--encoder-tp", type=int, default=1, help="Encoder tensor-parallel size.")
-    g.add_argument("--encoder-dp", type=int, default=1, help="Encoder data-parallel size.")
-    g.add_argument("--llm-tp", type=int, default=1, help="LLM tensor-parallel size.")
-    g.add_argument("--llm-pp", type=int, default=1, help="LLM pipeline-parallel size.")
-    g.add_argument("--llm-dp", type=int, default=1, help="LLM data-parallel size (one lane each).")
-    g.add_argument("--llm-ep", type=int, default=1, help="LLM expert-parallel size.")
-    g.add_argument("--llm-expt-tp", type=int, default=None,
-                   help="LLM expert tensor-parallel size (default: --llm-tp).")
-    g.add_argument("--llm-only", action="store_true", help="No encoder grid; text-only LLM training.")
-    g.add_argument("--colocated", action="store_true",
-                   help="Both modules on every rank (megatron-core's COLOCATED MimoModel), each "
-                        "with its own TP/DP; --encoder-tp x --encoder-dp = --llm-tp x --llm-dp = "
-                        "world size. The baseline a hetero layout is measured against.")
-    g.add_argument("--sequence-parallel", action="store_true",
-                   help="Split the LLM's sequence over its --llm-tp ranks outside the TP matmuls "
-                        "(MimoModel scatters the combined text and image embeddings); megatron-core "
-                        "needs it for experts with --llm-tp > 1. The encoder's layers are not split.")
-    g.add_argument("--context-parallel-size", type=int, default=1, help="Must be 1 (not supported).")
-
-    b = p.add_argument_group("batch")
-    b.add_argument("--micro-batch-size", type=int, default=2, help="Samples per LLM micro-batch.")
-    b.add_argument("--global-batch-size", type=int, default=8, help="Samples per iteration.")
-    b.add_argument("--seq-length", type=int, default=64, help="Tokens per sample.")
-
-    t = p.add_argument_group("training and learning-rate schedule")
-    t.add_argument("--train-iters", type=int, default=None, help="Iterations to train.")
-    t.add_argument("--train-samples", type=int, default=None,
-                   help="Samples to train; iterations = ceil(samples / global batch).")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--lr-warmup-iters", type=int, default=None)
-    t.add_argument("--lr-warmup-samples", type=int, default=None)
-    t.add_argument("--lr-decay-iters", type=int, default=None, help="Default: the whole run.")
-    t.add_argument("--lr-decay-samples", type=int, default=None, help="Default: the whole run.")
-    t.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
-    t.add_argument("--lr-wsd-decay-iters", type=int, default=None)
-    t.add_argument("--lr-wsd-decay-samples", type=int, default=None)
-    t.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default=None)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--clip-grad", type=float, default=1.0, help="Global grad-norm clip; 0 disables.")
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.999)
-    t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--max-consecutive-skipped-iters", type=int, default=10,
-                   help="Stop with an error after this many iterations in a row were skipped for "
-                        "non-finite gradients (a diverging run); 0 never stops.")
-    t.add_argument("--check-for-spiky-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="Stop with an error (exit 1, no further save) when the loss exceeds "
-                        "--spiky-loss-factor x the largest of the last 100 iterations' (a "
-                        "diverging run whose loss stays finite). On by default, unlike Megatron.")
-    t.add_argument("--check-for-large-grads", action=argparse.BooleanOptionalAction,
-                   default=False, help="The same test on the grad norm.")
-    t.add_argument("--spiky-loss-factor", type=float, default=10.0,
-                   help="The factor of both checks (Megatron's fixed value: 10).")
-
-    d = p.add_argument_group("distributed data parallel")
-    d.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="Overlap the LLM's grad reduce with backward. The encoder never overlaps: "
-                        "text-only steps leave its buckets without grads.")
-    d.add_argument("--ddp-bucket-size", type=int, default=None, help="Elements per DDP bucket.")
-
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="cpu runs megatron-core on gloo (see device.py).")
-    r.add_argument("--bf16", action="store_true", help="bf16 params and compute (CUDA only).")
-    r.add_argument("--seed", type=int, default=1234)
-    r.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="Collective timeout; a stuck job ends within it.")
-    r.add_argument("--dry-run", action="store_true",
-                   help="Validate, print the resolved layout (grids, lanes, micro-batches, "
-                        "parameters per branch) and exit; WORLD_SIZE gives the world size.")
-
-    lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=1)
-    lg.add_argument("--metrics-file", default=None,
-                    help="JSON lines of per-iteration metrics, written by the logging rank.")
-    lg.add_argument("--tensorboard-dir", default=None,
-                    help="TensorBoard event files (Megatron's scalar names), logging rank.")
-    lg.add_argument("--eval-interval", type=int, default=None,
-                    help="Validation loss every N iterations and after the last one.")
-    lg.add_argument("--eval-iters", type=int, default=10,
-                    help="Global batches of the validation split per evaluation.")
-
-    c = p.add_argument_group("checkpointing")
-    c.add_argument("--save", default=None, help="Directory for checkpoints (iter_NNNNNNN/).")
-    c.add_argument("--load", default=None,
-                   help="Resume from the latest checkpoint here. An empty directory starts fresh; "
-                        "a missing one only when it is also --save (auto-resume).")
-    c.add_argument("--save-interval", type=int, default=None, help="Iterations between saves.")
-    c.add_argument("--exit-interval", type=int, default=None,
-                   help="Stop (after saving, with --save) once the iteration is a multiple of this.")
-    c.add_argument("--exit-signal-handler", action="store_true",
-                   help="On --exit-signal every rank finishes its iteration, saves and exits 0.")
-    c.add_argument("--exit-signal", choices=SIGNALS, default="SIGTERM",
-                   help="The signal --exit-signal-handler acts on (SLURM: --signal=...).")
-    c.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="Save and exit once the job has run this long (before its time limit).")
-    c.add_argument("--keep-latest-checkpoints", type=int, default=0,
-                   help="After each save keep only the newest N iterations in --save (0: all); "
-                        "the one this job resumed from and the newest known good one are kept "
-                        "too. Each deletion is logged.")
-    c.add_argument("--no-save-optim", action="store_true", help="Save model weights only.")
-    c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
-    c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
-    c.add_argument("--no-load-scheduler", action="store_true", help="Do not load the LR schedule.")
-    c.add_argument("--finetune", action="store_true",
-                   help="Load model weights only and start at iteration 0.")
-    c.add_argument("--load-language-from", default=None,
-                   help="Single-grid Megatron dist-checkpoint of the language model to start from.")
-    c.add_argument("--load-vision-from", default=None,
-                   help="Single-grid Megatron dist-checkpoint of the vision encoder to start from.")
-    c.add_argument("--allow-existing-save", action="store_true",
-                   help="Let --save be a directory holding checkpoints this run does not resume "
-                        "(or the one --finetune loads from); its tracker will move to this run's.")
-    c.add_argument("--override-opt_param-scheduler", action="store_true",
-                   help="On resume, use this run's LR/WD schedule flags, not the checkpoint's.")
-    c.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
-                   help="On resume, keep the checkpoint's LR/WD schedule, whatever the flags say.")
-
-    kernels.add_args(p)
-    profiling.add_args(p)
-
-    pr = p.add_argument_group("providers")
-    pr.add_argument("--model-provider", default=model_provider, help=f"One of {sorted(MODEL_PROVIDERS)}.")
-    pr.add_argument("--data-provider", default=data_provider, help=f"One of {sorted(DATA_PROVIDERS)}.")
+    for cls, title in GROUPS:
+        add_group(p, title, cls)
+    providers = add_group(p, "providers", TrainConfig)
+    providers.set_defaults(model_provider=model_provider, data_provider=data_provider)
     lookup("--model-provider", MODEL_PROVIDERS, model_provider).add_args(p)
     lookup("--data-provider", DATA_PROVIDERS, data_provider).add_args(p)
     return p
@@ -309,9 +299,9 @@ def lookup(flag: str, registry: dict, name: str):
 
 def parse_config(argv: Sequence[str], world_size: int) -> TrainConfig:
     """Parse and validate; raises ValueError naming the offending flags."""
+    # The providers' names first: they choose which provider flags the parser has.
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--model-provider", default="mock")
-    pre.add_argument("--data-provider", default="mock")
+    add_group(pre, "providers", TrainConfig)
     names, _ = pre.parse_known_args(argv)
     args = build_parser(names.model_provider, names.data_provider).parse_args(argv)
     return config_from_args(args, world_size)
@@ -322,17 +312,13 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     data_provider = lookup("--data-provider", DATA_PROVIDERS, args.data_provider)
     model_cfg = model_provider.config_from_args(args)
     data_cfg = data_provider.config_from_args(args)
-    grid = GridConfig(
-        encoder_tp=args.encoder_tp, encoder_dp=args.encoder_dp, llm_tp=args.llm_tp,
-        llm_pp=args.llm_pp, llm_dp=args.llm_dp, llm_ep=args.llm_ep,
-        llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp,
-        llm_only=args.llm_only, colocated=args.colocated, sequence_parallel=args.sequence_parallel,
-    )
-    if args.context_parallel_size != 1:
+    grid = GridConfig(**read(GridConfig, args),
+                      llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp)
+    if grid.context_parallel_size != 1:
         raise ValueError(
-            f"--context-parallel-size {args.context_parallel_size}: only 1 is supported")
+            f"--context-parallel-size {grid.context_parallel_size}: only 1 is supported")
     validate_grid(grid, world_size)
-    batch = build_batch(grid, args.micro_batch_size, args.global_batch_size, args.seq_length)
+    batch = build_batch(grid, BatchConfig(**read(BatchConfig, args)))
     facts = model_provider.facts(model_cfg)
     validate_model_fit(grid, facts)
     validate_sequence_parallel(grid, facts, batch.seq_length)
@@ -342,9 +328,6 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
                     packs_sequences=data_provider.packs_sequences(data_cfg))
     data_provider.validate(data_cfg, model_provider.data_spec(model_cfg), batch.seq_length,
                            equal_images=equal_images_reason(grid), llm_only=grid.llm_only)
-    runtime = RuntimeConfig(device=args.device, bf16=args.bf16, seed=args.seed,
-                            distributed_timeout_minutes=args.distributed_timeout_minutes,
-                            dry_run=args.dry_run)
     if args.bf16 and args.device == "cpu":
         raise ValueError("--bf16 needs --device cuda (gloo on CPU runs fp32)")
     if args.distributed_timeout_minutes <= 0:
@@ -370,17 +353,10 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         grid=grid,
         batch=batch,
         schedule=schedule,
-        optim=OptimConfig(clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
-                          adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                          max_consecutive_skipped_iters=args.max_consecutive_skipped_iters,
-                          check_for_spiky_loss=args.check_for_spiky_loss,
-                          check_for_large_grads=args.check_for_large_grads,
-                          spiky_loss_factor=args.spiky_loss_factor),
-        ddp=DDPConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size),
-        runtime=runtime,
-        log=LogConfig(log_interval=args.log_interval, metrics_file=args.metrics_file,
-                      tensorboard_dir=args.tensorboard_dir, eval_interval=args.eval_interval,
-                      eval_iters=args.eval_iters),
+        optim=OptimConfig(**read(OptimConfig, args)),
+        ddp=DDPConfig(**read(DDPConfig, args)),
+        runtime=RuntimeConfig(**read(RuntimeConfig, args)),
+        log=LogConfig(**read(LogConfig, args)),
         ckpt=ckpt,
         model_provider=args.model_provider,
         model=model_cfg,
@@ -443,11 +419,13 @@ def validate_colocated(grid: GridConfig, world_size: int) -> None:
         raise ValueError(f"--colocated puts both modules on all {world_size} ranks: {sizes}")
 
 
-def build_batch(grid: GridConfig, micro: int, global_: int, seq: int) -> BatchConfig:
-    for flag, value in (("--micro-batch-size", micro), ("--global-batch-size", global_),
-                        ("--seq-length", seq)):
+def build_batch(grid: GridConfig, given: BatchConfig) -> BatchConfig:
+    """``given`` as the flags say, with its micro-batches per iteration."""
+    micro, global_ = given.micro_batch_size, given.global_batch_size
+    for flag_, value in (("--micro-batch-size", micro), ("--global-batch-size", global_),
+                         ("--seq-length", given.seq_length)):
         if value < 1:
-            raise ValueError(f"{flag} {value} must be >= 1")
+            raise ValueError(f"{flag_} {value} must be >= 1")
     lanes = micro * grid.llm_dp
     if global_ % lanes:
         raise ValueError(
@@ -457,8 +435,7 @@ def build_batch(grid: GridConfig, micro: int, global_: int, seq: int) -> BatchCo
         raise ValueError(
             f"--micro-batch-size {micro} x --llm-dp {grid.llm_dp} = {lanes} must be divisible by "
             f"--encoder-dp {grid.encoder_dp}")
-    return BatchConfig(micro_batch_size=micro, global_batch_size=global_, seq_length=seq,
-                       num_microbatches=global_ // lanes)
+    return replace(given, num_microbatches=global_ // lanes)
 
 
 def validate_model_fit(grid: GridConfig, facts: ModelFacts) -> None:
@@ -549,10 +526,8 @@ def build_schedule(args: argparse.Namespace, global_batch: int) -> ScheduleConfi
         raise ValueError(f"need --lr > 0 and 0 <= --min-lr <= --lr (got {args.lr}, {args.min_lr})")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay {args.weight_decay} must be >= 0")
-    return ScheduleConfig(
-        train_iters=train_iters, lr=args.lr, min_lr=args.min_lr, warmup_samples=warmup,
-        decay_samples=decay, decay_style=args.lr_decay_style, wsd_decay_samples=wsd,
-        wsd_decay_style=args.lr_wsd_decay_style, weight_decay=args.weight_decay)
+    return ScheduleConfig(**read(ScheduleConfig, args), train_iters=train_iters,
+                          warmup_samples=warmup, decay_samples=decay, wsd_decay_samples=wsd)
 
 
 def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
@@ -589,18 +564,8 @@ def build_checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
                             ("--exit-duration-in-mins", args.exit_duration_in_mins)) if v]
     if exits and args.save is None:
         raise ValueError(f"{', '.join(exits)} save before exiting: needs --save")
-    return CheckpointConfig(
-        save=args.save, load=args.load, save_interval=args.save_interval,
-        exit_interval=args.exit_interval, no_save_optim=args.no_save_optim,
-        no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
-        no_load_scheduler=args.no_load_scheduler, finetune=args.finetune,
-        load_language_from=args.load_language_from, load_vision_from=args.load_vision_from,
-        allow_existing_save=args.allow_existing_save,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
-        exit_signal=args.exit_signal if args.exit_signal_handler else None,
-        exit_duration_mins=args.exit_duration_in_mins,
-        keep_latest_checkpoints=args.keep_latest_checkpoints)
+    return CheckpointConfig(**read(CheckpointConfig, args),
+                            exit_signal=args.exit_signal if args.exit_signal_handler else None)
 
 
 def describe(cfg: TrainConfig, facts: ModelFacts) -> str:

@@ -11,9 +11,11 @@ before any process group, except what needs the GPU itself (``check_device``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
+from examples.mimo.flags import FREE, arg, derived, option, read
+from examples.mimo.model_providers import specs
 
 FP8_FORMATS = ("e4m3", "hybrid")
 # mxfp8 needs Blackwell; "custom" needs a quantizer factory this example has no flag for.
@@ -32,27 +34,83 @@ CUDA_GRAPH_MODULES = ("attn", "mlp", "moe", "moe_router", "moe_preprocess", "mam
 CUDA_GRAPH_WARMUP_STEPS = 3  # megatron-core's default
 
 
+GROUP = "kernels, precision and activation memory"
+
+
 @dataclass(frozen=True)
 class KernelConfig:
-    fp8_format: Optional[str] = None  # None: bf16 (or fp32) everywhere
-    fp8_recipe: str = "delayed"
-    fp8_margin: int = 0
-    fp8_amax_history_len: int = 1
-    fp8_amax_compute_algo: str = "most_recent"
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
-    recompute_num_layers: Optional[int] = None
-    recompute_modules: Tuple[str, ...] = ("core_attn",)
-    moe_router_fusion: bool = False
-    moe_permute_fusion: bool = False
-    cross_entropy_loss_fusion: bool = False
-    cross_entropy_fusion_impl: str = "native"
-    disable_mamba_mem_eff_path: bool = False
-    use_transformer_engine_op_fuser: bool = False
-    use_fused_weighted_squared_relu: bool = False
-    cuda_graph_impl: str = "none"
-    cuda_graph_modules: Tuple[str, ...] = ()  # (): whole layers
-    cuda_graph_warmup_steps: int = CUDA_GRAPH_WARMUP_STEPS
+    # None: bf16 (or fp32) everywhere
+    fp8_format: Optional[str] = option(
+        "--fp8-format", FREE, choices=FP8_FORMATS, default=None,
+        help="FP8 GEMMs in the language model (transformer-engine, Hopper or newer, with "
+             "--bf16). hybrid: e4m3 forward, e5m2 gradients.")
+    fp8_recipe: str = option("--fp8-recipe", FREE, choices=FP8_RECIPES, default="delayed")
+    fp8_margin: int = option("--fp8-margin", FREE, type=int, default=0)
+    fp8_amax_history_len: int = option("--fp8-amax-history-len", FREE, type=int, default=1)
+    fp8_amax_compute_algo: str = option("--fp8-amax-compute-algo", FREE,
+                                        choices=("most_recent", "max"), default="most_recent")
+    recompute_granularity: Optional[str] = option(
+        "--recompute-granularity", FREE, choices=RECOMPUTE_GRANULARITIES, default=None,
+        help="full: recompute whole layers in backward (with --recompute-method and "
+             "--recompute-num-layers); selective: only --recompute-modules.")
+    recompute_method: Optional[str] = option(
+        "--recompute-method", FREE, choices=RECOMPUTE_METHODS, default=None,
+        help="uniform: checkpoint every --recompute-num-layers layers as one unit; block: "
+             "recompute the first --recompute-num-layers layers of each stage.")
+    recompute_num_layers: Optional[int] = option("--recompute-num-layers", FREE, type=int,
+                                                 default=None)
+    recompute_modules: Tuple[str, ...] = derived(
+        FREE, arg("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="Selective recompute's modules (default: core_attn)."),
+        default=("core_attn",))
+    moe_router_fusion: bool = option("--moe-router-fusion", FREE, action="store_true",
+                                     help="transformer-engine's fused top-k router and aux-loss "
+                                          "scores.")
+    moe_permute_fusion: bool = option("--moe-permute-fusion", FREE, action="store_true",
+                                      help="transformer-engine's fused token permute/unpermute "
+                                           "for the experts.")
+    cross_entropy_loss_fusion: bool = option(
+        "--cross-entropy-loss-fusion", FREE, action="store_true",
+        help="Fused cross entropy: no fp32 copy of the [tokens, vocabulary] logits.")
+    cross_entropy_fusion_impl: str = option("--cross-entropy-fusion-impl", FREE,
+                                            choices=CROSS_ENTROPY_IMPLS, default="native")
+    disable_mamba_mem_eff_path: bool = option(
+        "--disable-mamba-mem-eff-path", FREE, action="store_true",
+        help="Keep Mamba on the unfused path even when causal-conv1d's CUDA extension is "
+             "installed (by default the fused path is used whenever it is).")
+    use_transformer_engine_op_fuser: bool = option(
+        "--use-transformer-engine-op-fuser", FREE, action="store_true",
+        help="Routed experts as one TE op sequence (FC1, scaled activation, FC2). On Hopper in "
+             "bf16 with cuBLASLt >= 13.4, one grouped GEMM per FC over token counts left on the "
+             "GPU; with an older cuBLASLt, TE's GEMM per expert.")
+    use_fused_weighted_squared_relu: bool = option(
+        "--use-fused-weighted-squared-relu", FREE, action="store_true",
+        help="The experts' squared ReLU and router-probability weighting in one kernel; the op "
+             "fuser needs it for squared-ReLU experts.")
+    cuda_graph_impl: str = option(
+        "--cuda-graph-impl", FREE, choices=CUDA_GRAPH_IMPLS, default="none",
+        help="transformer_engine: after --cuda-graph-warmup-steps eager iterations, capture each "
+             "language-model layer (or --cuda-graph-modules of it) as a CUDA graph and replay it "
+             "in training: one launch instead of each kernel's. megatron-core's local and "
+             "full_iteration are not offered.")
+    # (): whole layers
+    cuda_graph_modules: Tuple[str, ...] = derived(
+        FREE, arg("--cuda-graph-modules", "--cuda-graph-scope", nargs="+",
+                   choices=CUDA_GRAPH_MODULES, default=None,
+                   help="The parts of each layer to graph (default: whole layers). Dropless MoE "
+                        "layers cannot be graphed whole (their expert shapes vary): e.g. mamba "
+                        "attn moe_router moe_preprocess."),
+        default=())
+    cuda_graph_warmup_steps: int = derived(
+        FREE, arg("--cuda-graph-warmup-steps", type=int, default=None,
+                   help=f"Eager iterations before the capture (default "
+                        f"{CUDA_GRAPH_WARMUP_STEPS})."),
+        default=CUDA_GRAPH_WARMUP_STEPS)
+
+    @property
+    def use_mamba_mem_eff_path(self) -> bool:
+        """Mamba's fused path: not disabled, and causal-conv1d's CUDA extension is there."""
+        return not self.disable_mamba_mem_eff_path and specs.causal_conv1d_available()
 
     @property
     def needs_transformer_engine(self) -> Optional[str]:
@@ -95,72 +153,11 @@ class KernelConfig:
         return out
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("kernels, precision and activation memory")
-    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
-                   help="FP8 GEMMs in the language model (transformer-engine, Hopper or newer, "
-                        "with --bf16). hybrid: e4m3 forward, e5m2 gradients.")
-    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
-    g.add_argument("--fp8-margin", type=int, default=0)
-    g.add_argument("--fp8-amax-history-len", type=int, default=1)
-    g.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), default="most_recent")
-    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
-                   help="full: recompute whole layers in backward (with --recompute-method and "
-                        "--recompute-num-layers); selective: only --recompute-modules.")
-    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
-                   help="uniform: checkpoint every --recompute-num-layers layers as one unit; "
-                        "block: recompute the first --recompute-num-layers layers of each stage.")
-    g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
-                   help="Selective recompute's modules (default: core_attn).")
-    g.add_argument("--moe-router-fusion", action="store_true",
-                   help="transformer-engine's fused top-k router and aux-loss scores.")
-    g.add_argument("--moe-permute-fusion", action="store_true",
-                   help="transformer-engine's fused token permute/unpermute for the experts.")
-    g.add_argument("--use-transformer-engine-op-fuser", action="store_true",
-                   help="Routed experts as one TE op sequence (FC1, scaled activation, FC2). "
-                        "On Hopper in bf16 with cuBLASLt >= 13.4, one grouped GEMM per FC over "
-                        "token counts left on the GPU; with an older cuBLASLt, TE's GEMM per expert.")
-    g.add_argument("--use-fused-weighted-squared-relu", action="store_true",
-                   help="The experts' squared ReLU and router-probability weighting in one kernel; "
-                        "the op fuser needs it for squared-ReLU experts.")
-    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
-                   help="Fused cross entropy: no fp32 copy of the [tokens, vocabulary] logits.")
-    g.add_argument("--cross-entropy-fusion-impl", choices=CROSS_ENTROPY_IMPLS, default="native")
-    g.add_argument("--disable-mamba-mem-eff-path", action="store_true",
-                   help="Keep Mamba on the unfused path even when causal-conv1d's CUDA extension "
-                        "is installed (by default the fused path is used whenever it is).")
-    g.add_argument("--cuda-graph-impl", choices=CUDA_GRAPH_IMPLS, default="none",
-                   help="transformer_engine: after --cuda-graph-warmup-steps eager iterations, "
-                        "capture each language-model layer (or --cuda-graph-modules of it) as a "
-                        "CUDA graph and replay it in training: one launch instead of each "
-                        "kernel's. megatron-core's local and full_iteration are not offered.")
-    g.add_argument("--cuda-graph-modules", "--cuda-graph-scope", nargs="+",
-                   choices=CUDA_GRAPH_MODULES, default=None,
-                   help="The parts of each layer to graph (default: whole layers). Dropless MoE "
-                        "layers cannot be graphed whole (their expert shapes vary): e.g. mamba "
-                        "attn moe_router moe_preprocess.")
-    g.add_argument("--cuda-graph-warmup-steps", type=int, default=None,
-                   help=f"Eager iterations before the capture (default "
-                        f"{CUDA_GRAPH_WARMUP_STEPS}).")
-
-
 def from_args(args: argparse.Namespace, *, transformer_impl: str, moe_activation: str = "",
               expert_tp: int = 1) -> KernelConfig:
     k = KernelConfig(
-        fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
-        fp8_amax_history_len=args.fp8_amax_history_len,
-        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
+        **read(KernelConfig, args),
         recompute_modules=tuple(args.recompute_modules or ("core_attn",)),
-        moe_router_fusion=args.moe_router_fusion, moe_permute_fusion=args.moe_permute_fusion,
-        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
-        disable_mamba_mem_eff_path=args.disable_mamba_mem_eff_path,
-        use_transformer_engine_op_fuser=args.use_transformer_engine_op_fuser,
-        use_fused_weighted_squared_relu=args.use_fused_weighted_squared_relu,
-        cuda_graph_impl=args.cuda_graph_impl,
         cuda_graph_modules=tuple(dict.fromkeys(args.cuda_graph_modules or ())),
         cuda_graph_warmup_steps=(CUDA_GRAPH_WARMUP_STEPS if args.cuda_graph_warmup_steps is None
                                  else args.cuda_graph_warmup_steps))
@@ -242,18 +239,3 @@ def check_device(k: KernelConfig, capability: Optional[Tuple[int, int]]) -> None
     if k.fp8_format is not None and k.fp8_recipe == "mxfp8" and capability < (10, 0):
         raise ValueError(f"--fp8-recipe mxfp8 needs Blackwell (sm_100 or newer); this GPU is "
                          f"sm_{capability[0]}{capability[1]}")
-
-
-def causal_conv1d_available() -> bool:
-    """causal-conv1d with its CUDA extension (the pure-Python part alone cannot run the path)."""
-    if importlib.util.find_spec("causal_conv1d") is None:
-        return False
-    try:
-        import causal_conv1d_cuda  # noqa: F401  (the compiled extension)
-    except ImportError:
-        return False
-    return True
-
-
-def use_mamba_mem_eff_path(k: KernelConfig) -> bool:
-    return not k.disable_mamba_mem_eff_path and causal_conv1d_available()

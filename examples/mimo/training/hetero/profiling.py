@@ -28,6 +28,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
+from examples.mimo.flags import QUIET, arg, derived, option, read
+
 # CUDA runtime calls that block the host until the GPU catches up
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 ITEM_OP = "aten::_local_scalar_dense"  # every .item(), and int(t), float(t), bool(t) of a tensor
@@ -35,36 +37,30 @@ SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_de
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
+GROUP = "profiling"
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
-    enabled: bool = False
-    use_pytorch_profiler: bool = False
-    step_start: int = 10
-    step_end: int = 12
-    ranks: Tuple[int, ...] = (0,)
-    profile_dir: Optional[str] = None  # where the PyTorch profiler writes
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("profiling")
-    g.add_argument("--profile", action="store_true",
-                   help="Profile iterations --profile-step-start + 1 .. --profile-step-end: "
-                        "cudaProfilerStart/Stop for nsys, or torch's profiler with "
-                        "--use-pytorch-profiler.")
-    g.add_argument("--use-pytorch-profiler", action="store_true")
-    g.add_argument("--profile-step-start", type=int, default=10)
-    g.add_argument("--profile-step-end", type=int, default=12)
-    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0],
-                   help="Global ranks to profile.")
-    g.add_argument("--profile-dir", default=None,
-                   help="PyTorch profiler output (default: --tensorboard-dir/../torch_profile, "
-                        "Megatron's place).")
+    enabled: bool = option("--profile", QUIET, action="store_true",
+                           help="Profile iterations --profile-step-start + 1 .. "
+                                "--profile-step-end: cudaProfilerStart/Stop for nsys, or torch's "
+                                "profiler with --use-pytorch-profiler.")
+    use_pytorch_profiler: bool = option("--use-pytorch-profiler", QUIET, action="store_true")
+    step_start: int = option("--profile-step-start", QUIET, type=int, default=10)
+    step_end: int = option("--profile-step-end", QUIET, type=int, default=12)
+    ranks: Tuple[int, ...] = option("--profile-ranks", QUIET, type=int, nargs="+", default=[0],
+                                    help="Global ranks to profile.")
+    # where the PyTorch profiler writes
+    profile_dir: Optional[str] = derived(
+        QUIET, arg("--profile-dir", default=None,
+                    help="PyTorch profiler output (default: --tensorboard-dir/../torch_profile, "
+                         "Megatron's place)."),
+        default=None)
 
 
 def from_args(args: argparse.Namespace, *, train_iters: int) -> ProfileConfig:
-    cfg = ProfileConfig(enabled=args.profile, use_pytorch_profiler=args.use_pytorch_profiler,
-                        step_start=args.profile_step_start, step_end=args.profile_step_end,
-                        ranks=tuple(args.profile_ranks),
+    cfg = ProfileConfig(**read(ProfileConfig, args),
                         profile_dir=args.profile_dir or (
                             os.path.join(args.tensorboard_dir, "..", "torch_profile")
                             if args.tensorboard_dir else None))

@@ -27,6 +27,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from examples.mimo.model_providers import layers
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.device import init_distributed
@@ -385,7 +386,7 @@ def main(out_path: str, work: str):
             symptom = False
         except ImportError as err:  # the hard-wired TENorm
             symptom = "Transformer Engine" in str(err)
-        stack = compat.local_hybrid_stack()(config, submodules, **kwargs)
+        stack = layers.local_hybrid_stack()(config, submodules, **kwargs)
         return {"symptom": symptom, "fixed": type(stack.final_norm) is torch.nn.RMSNorm}
 
     @probe("sequence_parallel_torch_norm")
@@ -403,7 +404,7 @@ def main(out_path: str, work: str):
             symptom = False
         except AssertionError as err:
             symptom = "sequence parallel not supported" in str(err)
-        norm = compat.sequence_parallel_torch_norm()(config, 8)
+        norm = layers.sequence_parallel_torch_norm()(config, 8)
         return {"symptom": symptom, "fixed": type(norm) is torch.nn.RMSNorm
                 and all(p.sequence_parallel for p in norm.parameters())}
 

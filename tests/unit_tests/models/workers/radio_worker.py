@@ -12,7 +12,8 @@ from datetime import timedelta
 import torch
 
 from examples.mimo.model_providers import nemotron_moe_vlm as provider
-from examples.mimo.model_providers.radio_encoder import RadioEncoder, patchify
+from examples.mimo.images import patchify
+from examples.mimo.model_providers.radio_encoder import RadioEncoder
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.config import parse_config
 from examples.mimo.training.hetero.device import init_distributed, seed_all

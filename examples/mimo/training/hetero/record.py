@@ -1,0 +1,63 @@
+"""The run record a checkpoint keeps in its common state: the configuration that wrote it, under
+a schema version, so that renaming or adding a config field does not break older checkpoints.
+
+    {"checkpoint_version": SCHEMA, "config": dataclasses.asdict(TrainConfig), ...run state}
+
+A checkpoint of an older schema is read through ``MIGRATIONS`` (version N -> N + 1, one pure
+function each) up to today's; one of a newer or unknown schema is one line. A change to any
+config class (a field added, renamed or removed) needs SCHEMA + 1, a migration from the previous
+schema, and a frozen record of the new one in tests/unit_tests/models/fixtures/: the record test
+(test_hetero_ckpt_policy) fails until all three exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Dict
+
+from examples.mimo.training.hetero.errors import CheckpointError
+
+SCHEMA = 3
+KEY = "checkpoint_version"  # the name schema 2 used for its version; kept so every schema reads it
+
+
+def make(cfg) -> dict:
+    return {KEY: SCHEMA, "config": dataclasses.asdict(cfg)}
+
+
+def _from_2(common: dict) -> dict:
+    """Schema 2 stored the configuration as "args" and the provider's must-match fields beside it
+    (now taken from the fields' resume classes). Schema 3 added --context-parallel-size as a
+    field and the Nemotron provider's --training-stage (schema 2 kept only its effect, both
+    freeze flags: projector-only is that state)."""
+    out = {k: v for k, v in common.items() if k not in ("args", "model_must_match")}
+    config = copy.deepcopy(common["args"])
+    config["grid"]["context_parallel_size"] = 1
+    if config["model_provider"] == "nemotron_moe_vlm":
+        m = config["model"]
+        m["training_stage"] = "projector-only" if m["freeze_lm"] and m["freeze_vit"] else "full"
+    out.update({KEY: 3, "config": config})
+    return out
+
+
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2}
+
+
+def read(common: dict, path: str) -> dict:
+    """``common`` (a checkpoint's common state) at today's schema; ``path`` for the message."""
+    version = common.get(KEY)
+    if version == SCHEMA:
+        return common
+    if version not in MIGRATIONS:
+        known = sorted(MIGRATIONS) + [SCHEMA]
+        raise CheckpointError(f"{path}: checkpoint schema {version!r} is not one this trainer "
+                              f"reads ({', '.join(map(str, known))})")
+    while common[KEY] != SCHEMA:
+        common = MIGRATIONS[common[KEY]](common)
+    return common
+
+
+def is_ours(common: dict) -> bool:
+    """Whether a dist-checkpoint's common state is this trainer's (of any schema it reads)."""
+    return common.get(KEY) == SCHEMA or common.get(KEY) in MIGRATIONS
