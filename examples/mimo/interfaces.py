@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
 # The modality key of the vision branch, shared by providers, data and the topology.
 ENCODER_MODULE = "images"
+LANGUAGE_MODULE = "language"  # megatron-core's MIMO_LANGUAGE_MODULE_KEY
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,17 @@ class StepFlops:
     llm: float
 
 
+@dataclass(frozen=True)
+class HFPart:
+    """Where a branch's weights come from in a Hugging Face folder (model_providers/
+    hf_checkpoint.py): ``recipes`` map each of the branch's dist-checkpointing keys to the HF
+    tensors it is made of; ``unused(name)``: a tensor of the folder deliberately not imported."""
+
+    folder: str
+    recipes: dict
+    unused: Callable[[str], bool]
+
+
 class KernelChoices(Protocol):
     """The trainer's kernel options (training/hetero/kernels.KernelConfig) as a provider reads
     them when it builds a branch."""
@@ -138,6 +150,16 @@ class ModelProvider(Protocol):
 
     def module_config(self, module: torch.nn.Module) -> object:
         """The TransformerConfig that DDP uses for a built branch."""
+
+    def hf_parts(self, cfg, *, load_from_hf: Optional[str], language_from: Optional[str],
+                 vision_from: Optional[str]) -> Dict[str, HFPart]:
+        """{branch (LANGUAGE_MODULE, ENCODER_MODULE): its HF source} for the given flags' HF
+        folders ({} when none is one); config_from_args takes the shapes from the same folders
+        and refuses what the provider cannot import."""
+
+    def hf_export(self, record: dict, *, llm_only: bool) -> Tuple[Dict[str, dict], dict]:
+        """({branch: recipes}, config.json) of the HF folder a checkpoint exports to, from the
+        provider config its run record stores; ValueError when there is none."""
 
 
 @runtime_checkable

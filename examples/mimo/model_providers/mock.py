@@ -114,6 +114,14 @@ def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:
     return StepFlops(encoder=encoder, llm=llm)
 
 
+def hf_parts(cfg: MockModelConfig, **sources) -> dict:
+    return {}
+
+
+def hf_export(record: dict, *, llm_only: bool):
+    raise ValueError("--model-provider mock has no Hugging Face counterpart to export to")
+
+
 def data_spec(cfg: MockModelConfig) -> DataSpec:
     return DataSpec(vocab_size=cfg.vocab_size, image_token_id=cfg.image_token_id,
                     image_tokens=cfg.image_tokens, image_shape=(3, cfg.img_h, cfg.img_w))

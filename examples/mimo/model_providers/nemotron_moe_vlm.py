@@ -17,14 +17,19 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from examples.mimo.flags import FREE, MATCH, add_group, arg, derived, label, option, read
-from examples.mimo.interfaces import DataSpec, KernelChoices, ModelFacts, StepFlops, StepWork
-from examples.mimo.model_providers import common, specs
+from examples.mimo.interfaces import (ENCODER_MODULE, LANGUAGE_MODULE, DataSpec, HFPart,
+                                     KernelChoices, ModelFacts, StepFlops, StepWork)
+from examples.mimo.model_providers import common, nemotron_hf, specs
+from examples.mimo.model_providers.hf_checkpoint import is_hf_folder
 from examples.mimo.model_providers import flops as F
 
 NAME = "nemotron_moe_vlm"
 VIT_ENCODER = "radio"
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 PROJECTION_TYPES = ("mlp", "affine")
+# RADIO's pixel statistics (OpenAI CLIP's), which its image processor normalises with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRAINING_STAGES = ("full", "projector-only")
 
 
@@ -62,6 +67,8 @@ class Architecture:
     # RADIO's position-embedding table covers max_img_size^2 pixels
     max_img_size: int = _size("--max-img-size")
     vision_projection_ffn_hidden_size: int = _size("--vision-projection-ffn-hidden-size")
+    # the top-k routing weights' scale (transformers' routed_scaling_factor)
+    moe_router_topk_scaling_factor: float = _size("--moe-router-topk-scaling-factor", kind=float)
 
 
 _TINY = Architecture(
@@ -71,7 +78,7 @@ _TINY = Architecture(
     mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=2, vocab_size=256,
     vision_num_layers=2, vision_hidden_size=32, vision_ffn_hidden_size=64,
     vision_num_attention_heads=4, img_h=32, img_w=32, patch_dim=8, class_token_len=2,
-    max_img_size=64, vision_projection_ffn_hidden_size=128)
+    max_img_size=64, vision_projection_ffn_hidden_size=128, moe_router_topk_scaling_factor=2.5)
 
 _NEMOTRON = dict(
     hidden_size=2688, num_attention_heads=32, kv_channels=128, ffn_hidden_size=1856,
@@ -79,7 +86,8 @@ _NEMOTRON = dict(
     moe_router_topk=6, mamba_num_heads=64, mamba_head_dim=64, mamba_state_dim=128,
     mamba_num_groups=8, vocab_size=131072, vision_num_layers=32, vision_hidden_size=1280,
     vision_ffn_hidden_size=5120, vision_num_attention_heads=16, img_h=512, img_w=512,
-    patch_dim=16, class_token_len=10, max_img_size=2048, vision_projection_ffn_hidden_size=20480)
+    patch_dim=16, class_token_len=10, max_img_size=2048, vision_projection_ffn_hidden_size=20480,
+    moe_router_topk_scaling_factor=2.5)
 
 PRESETS: Dict[str, Architecture] = {
     "tiny": _TINY,
@@ -114,6 +122,10 @@ class NemotronVLMConfig:
                                          choices=PROJECTION_TYPES, default="mlp")
     moe_aux_loss_coeff: float = option("--moe-aux-loss-coeff", FREE, type=float, default=1e-4,
                                        help="Weight of the sequence-level load-balancing loss.")
+    moe_router_bias_update_rate: float = option(
+        "--moe-router-bias-update-rate", FREE, type=float, default=1e-3,
+        help="Aux-loss-free balancing: each step moves every expert's routing bias by this much "
+             "towards an even load (transformers' e_score_correction_bias); 0 keeps it.")
     dynamic_resolution: bool = option("--dynamic-resolution", FREE, action="store_true",
                                       help="RADIO takes packed patches of images of any size "
                                            "(imgs_sizes).")
@@ -137,6 +149,10 @@ class NemotronVLMConfig:
         "--moe-token-drop-policy", FREE, choices=("probs", "position"), default="probs",
         help="Which tokens an expert over capacity drops: lowest routing probabilities, or last "
              "in the sequence.")
+    # What the vision side is, as transformers' nemotron_h_omni computes it: RADIO without a final
+    # norm, RMSNorm in front of the projector (schema 3's checkpoints: "ln_post", a final LayerNorm
+    # and no projector norm; they cannot be resumed by this code).
+    vision_layout: str = derived(MATCH, default="omni")
 
     @property
     def image_tokens(self) -> int:
@@ -150,15 +166,33 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
+    # The shapes of HF folders given to the checkpoint flags win over the preset; a size flag that
+    # says otherwise is an error, not an override.
+    # (the trainer's checkpoint flags; a tool's parser of the provider's flags alone has none)
+    src = _hf_sources(*(getattr(args, name, None) for name in
+                        ("load_from_hf", "load_language_from", "load_vision_from")))
+    hf_arch, hf_extra = nemotron_hf.architecture(src) if src.any else ({}, {})
     overrides = {k: v for k, v in read(Architecture, args).items() if v is not None}
-    arch = replace(PRESETS[args.model_preset], **overrides)
+    for f in fields(Architecture):
+        if f.name in overrides and f.name in hf_arch and overrides[f.name] != hf_arch[f.name]:
+            raise ValueError(f"{label(f)} {overrides[f.name]} contradicts the Hugging Face "
+                             f"config.json ({hf_arch[f.name]})")
+    if args.image_token_id is not None and hf_extra.get("image_token_id", args.image_token_id) \
+            != args.image_token_id:
+        raise ValueError(f"--image-token-id {args.image_token_id} contradicts the Hugging Face "
+                         f"config.json ({hf_extra['image_token_id']})")
+    arch = replace(PRESETS[args.model_preset], **{**hf_arch, **overrides})
     validate_architecture(arch)
     impl = args.transformer_impl or ("transformer_engine" if specs.te_available() else "local")
     specs.check_transformer_impl(impl)
-    image_token_id = arch.vocab_size - 1 if args.image_token_id is None else args.image_token_id
+    image_token_id = args.image_token_id if args.image_token_id is not None else \
+        hf_extra.get("image_token_id", arch.vocab_size - 1)
     if not 0 <= image_token_id < arch.vocab_size:
         raise ValueError(f"--image-token-id {image_token_id} must be in [0, --vocab-size "
                          f"{arch.vocab_size})")
+    if args.moe_router_bias_update_rate < 0:
+        raise ValueError(f"--moe-router-bias-update-rate {args.moe_router_bias_update_rate} must "
+                         f"be >= 0")
     if args.moe_aux_loss_coeff < 0:
         raise ValueError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
     if args.moe_expert_capacity_factor is not None and args.moe_expert_capacity_factor <= 0:
@@ -175,11 +209,42 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
                              freeze_vit=args.freeze_vit or projector_only)
 
 
+def _hf_sources(whole, language, vision) -> nemotron_hf.Sources:
+    return nemotron_hf.sources(whole=whole, language=language, vision=vision,
+                               hf_folder=is_hf_folder)
+
+
+def hf_parts(cfg: NemotronVLMConfig, *, load_from_hf: Optional[str], language_from: Optional[str],
+             vision_from: Optional[str]) -> Dict[str, HFPart]:
+    src = _hf_sources(load_from_hf, language_from, vision_from)
+    parts = {}
+    if src.language is not None:
+        parts[LANGUAGE_MODULE] = HFPart(
+            src.language, nemotron_hf.language_recipes(cfg.arch, prefix=src.language_prefix,
+                                                       transformer_impl=cfg.transformer_impl),
+            nemotron_hf.unused(src, src.language))
+    if src.vision is not None:
+        parts[ENCODER_MODULE] = HFPart(
+            src.vision, nemotron_hf.vision_recipes(cfg.arch, prefix=src.vision_prefix,
+                                                   transformer_impl=cfg.transformer_impl,
+                                                   projector=src.projector, vit=VIT_ENCODER),
+            nemotron_hf.unused(src, src.vision))
+    return parts
+
+
+def hf_export(record: dict, *, llm_only: bool) -> Tuple[Dict[str, dict], dict]:
+    """({branch: recipes}, config.json) for a checkpoint's stored model config (its run record)."""
+    arch = Architecture(**record["arch"])
+    return nemotron_hf.export_layout(arch, transformer_impl=record["transformer_impl"],
+                                     llm_only=llm_only, image_token_id=record["image_token_id"])
+
+
 def validate_architecture(a: Architecture) -> None:
     for f in fields(Architecture):
         value = getattr(a, f.name)
-        if f.name != "hybrid_layer_pattern" and value < 1:
-            raise ValueError(f"{label(f)} {value} must be >= 1")
+        if f.name != "hybrid_layer_pattern" and (value <= 0 if isinstance(value, float)
+                                                 else value < 1):
+            raise ValueError(f"{label(f)} {value} must be {'> 0' if isinstance(value, float) else '>= 1'}")
     unknown = sorted(set(a.hybrid_layer_pattern) - set(LAYER_SYMBOLS))
     if not a.hybrid_layer_pattern or unknown:
         raise ValueError(f"--hybrid-layer-pattern {a.hybrid_layer_pattern!r}: layers are one of "
@@ -254,14 +319,15 @@ def vision_params(a: Architecture, projection_type: str) -> Tuple[int, int]:
     c, f, p = a.vision_hidden_size, a.vision_ffn_hidden_size, a.patch_dim
     # two LayerNorms, QKV and projection with biases, MLP with biases
     layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * f + f) + (f * c + c)
-    # class tokens, position-embedding table, patch embedding (no bias), layers, ln_post
+    # class tokens, position-embedding table, patch embedding (no bias), layers
     vit = (a.class_token_len * c + (a.max_img_size // p) ** 2 * c + 3 * p * p * c
-           + a.vision_num_layers * layer + 2 * c)
+           + a.vision_num_layers * layer)
+    # the input RMSNorm, then the linear layers (no biases)
     if projection_type == "mlp":
-        projection = 4 * c * a.vision_projection_ffn_hidden_size \
+        projection = 4 * c + 4 * c * a.vision_projection_ffn_hidden_size \
             + a.vision_projection_ffn_hidden_size * a.hidden_size
     else:
-        projection = 4 * c * a.hidden_size
+        projection = 4 * c + 4 * c * a.hidden_size
     return vit, projection
 
 
@@ -307,7 +373,7 @@ def data_spec(cfg: NemotronVLMConfig) -> DataSpec:
     return DataSpec(vocab_size=a.vocab_size, image_token_id=cfg.image_token_id,
                     image_tokens=cfg.image_tokens, image_shape=(3, a.img_h, a.img_w),
                     dynamic_resolution=cfg.dynamic_resolution, patch_dim=a.patch_dim,
-                    max_image_side=a.max_img_size)
+                    max_image_side=a.max_img_size, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD)
 
 
 def _kernel_fields(kernels: Optional[KernelChoices], **branch) -> dict:
@@ -339,7 +405,9 @@ def language_config(cfg: NemotronVLMConfig, *, tp: int, pp: int, ep: int, expt_t
         num_moe_experts=a.num_experts, moe_ffn_hidden_size=a.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=a.moe_shared_expert_intermediate_size,
         moe_router_topk=a.moe_router_topk, moe_router_score_function="sigmoid",
-        moe_router_topk_scaling_factor=2.5, moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=a.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
         moe_router_dtype="fp32", moe_router_load_balancing_type="seq_aux_loss",
         # TE's spec builds the experts as one grouped GEMM (TEGroupedMLP); local ones loop.
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_grouped_gemm=te,
@@ -374,11 +442,10 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
                  kernels: Optional[KernelChoices] = None):
     from megatron.core.activations import squared_relu
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
-    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from examples.mimo.model_providers.radio_encoder import RadioEncoder
+    from examples.mimo.model_providers.radio_encoder import RadioEncoder, normed_projector
 
     a = cfg.arch
     vit_config = common.transformer_config(
@@ -396,10 +463,10 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
     column, row = specs.projector_linears(cfg.transformer_impl)
     radio = ModuleSpec(module=RadioEncoder, params=dict(
         config=vit_config, layer_spec=specs.vit_layer_spec(cfg.transformer_impl),
-        ln_post_impl=specs.norm_class(cfg.transformer_impl), img_h=a.img_h, img_w=a.img_w,
+        img_h=a.img_h, img_w=a.img_w,
         patch_dim=a.patch_dim, class_token_len=a.class_token_len, max_img_size=a.max_img_size,
         dynamic_resolution=cfg.dynamic_resolution, pg_collection=pg_collection))
-    projector = ModuleSpec(module=MultimodalProjector, params=dict(
+    projector = ModuleSpec(module=normed_projector(), params=dict(
         config=projector_config,
         submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row),
         projector_type=cfg.vision_projection_type, input_size=4 * a.vision_hidden_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -9,8 +10,43 @@ import torch
 from examples.mimo.images import pixel_shuffle
 
 
+class FP32RMSNorm(torch.nn.Module):
+    """RMSNorm computed in fp32 and cast back, weight applied in fp32: transformers'
+    NemotronH_Omni_RMSNorm, the projector's input norm (torch's RMSNorm computes in bf16)."""
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def normed_projector():
+    """megatron-core's MultimodalProjector behind transformers' nemotron_h_omni projector norm
+    (``norm``, an FP32RMSNorm of its input); the projector's own names are unchanged."""
+    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+
+    class NormedProjector(MultimodalProjector):
+        def __init__(self, config, submodules, projector_type, input_size, tp_group=None):
+            super().__init__(config, submodules, projector_type, input_size, tp_group=tp_group)
+            self.norm = FP32RMSNorm(input_size)
+
+        def forward(self, hidden_states):
+            return super().forward(self.norm(hidden_states))
+
+    return NormedProjector
+
+
 class RadioEncoder(torch.nn.Module):
-    """megatron-core's RADIOViTModel, class tokens dropped, patches pixel-shuffled.
+    """megatron-core's RADIOViTModel, class tokens dropped, patches pixel-shuffled. As transformers
+    runs RADIO: no final norm, and its cropped position embeddings in their evaluation form also
+    in training (RADIO's random crops and scales are for pretraining the ViT itself; a VLM's
+    step must compute what the imported model computes).
 
     Fixed resolution: ``images`` [b, 3, H, W] -> [b, H*W/(4 p^2), 4c].
     Dynamic resolution: ``packed_patches`` [1, T, 3 p^2] holding every image's patches back to
@@ -18,7 +54,7 @@ class RadioEncoder(torch.nn.Module):
     4c]; attention stays within each image (packed sequences).
     """
 
-    def __init__(self, *, config, layer_spec, ln_post_impl, img_h: int, img_w: int,
+    def __init__(self, *, config, layer_spec, img_h: int, img_w: int,
                  patch_dim: int, class_token_len: int, max_img_size: int,
                  dynamic_resolution: bool, pg_collection):
         from megatron.core.models.vision.radio import RADIOViTModel
@@ -29,7 +65,7 @@ class RadioEncoder(torch.nn.Module):
         self.class_token_len = class_token_len
         self.dynamic_resolution = dynamic_resolution
         self.vit = RADIOViTModel(
-            config, layer_spec, ln_post_impl=ln_post_impl, add_class_token=True,
+            config, layer_spec, ln_post_impl=None, add_class_token=True, force_cpe_eval_mode=True,
             class_token_len=class_token_len, patch_dim=patch_dim, img_h=img_h, img_w=img_w,
             max_img_h=max_img_size, max_img_w=max_img_size, dynamic_resolution=dynamic_resolution,
             pg_collection=pg_collection)

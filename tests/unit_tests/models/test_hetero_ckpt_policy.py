@@ -286,7 +286,12 @@ def test_a_checkpoint_of_every_schema_resumes_unchanged(schema, run):
     cfg = parse_config(fixture["flags"], world_size=fixture["world_size"])
     common = record.read(fixture["common"], "ckpt")
     assert common[record.KEY] == record.SCHEMA
-    assert policy.resume_problems({**common, "train_state": {"consumed_samples": 0}}, cfg) == []
+    problems = policy.resume_problems({**common, "train_state": {"consumed_samples": 0}}, cfg)
+    if run.startswith("nemotron") and schema < 4:
+        # schema 4's Nemotron vision side is transformers' (record._from_3): not these weights
+        assert problems == ["vision_layout: checkpoint 'ln_post', now 'omni'"]
+        return
+    assert problems == []
     assert policy.changed_settings(common["config"], cfg) == []
     assert policy.same_layout(common["config"], cfg)
 
@@ -303,7 +308,7 @@ def test_todays_record_is_the_frozen_one_of_its_schema(run):
 
 def test_an_unknown_schema_is_one_line():
     with pytest.raises(CheckpointError, match=r"ckpt: checkpoint schema 1 is not one this trainer "
-                                              r"reads \(2, 3\)"):
+                                              r"reads \(2, 3, 4\)"):
         record.read({record.KEY: 1, "args": {}}, "ckpt")
     with pytest.raises(CheckpointError, match="schema 99"):
         record.read({record.KEY: 99}, "ckpt")

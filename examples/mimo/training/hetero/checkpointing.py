@@ -31,7 +31,9 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
-from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch
+from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch, HFPart
+from examples.mimo.model_providers.hf_checkpoint import (Reader, coverage_problems, global_keys,
+                                                        load_into)
 from examples.mimo.training.hetero import compat, record, savelock
 from examples.mimo.training.hetero.ckpt_policy import (
     TRACKER,
@@ -375,6 +377,42 @@ class Checkpointer:
                   f"{time.perf_counter() - start:.2f} s (checksums verified in {verified:.3f} s)",
                   flush=True)
         return True
+
+
+def load_from_hf(rt: Runtime, *, optimizer, parts: Dict[str, HFPart]) -> None:
+    """Start branches from Hugging Face folders (model_providers/hf_checkpoint.py): each rank
+    reads only the rows and columns of the shards it holds. Coverage is checked over the whole
+    model on every rank (the ranks' keys gathered), so every rank stops with the same line; the
+    fp32 main parameters are then refreshed from the loaded weights."""
+    mine = {}
+    for name in parts:
+        if name in rt.branches:
+            module = unwrap_model(branch(rt.model, name))
+            metadata = {"dp_cp_group": rt.topology.module_pgc(name).dp_cp}
+            mine[name] = (module, metadata, global_keys(module, metadata))
+    gathered: List[Dict[str, List[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {name: keys for name, (_, _, keys) in mine.items()})
+    problems = []
+    readers = {}
+    for folder in sorted({p.folder for p in parts.values()}):
+        readers[folder] = reader = Reader(folder)
+        same = [name for name, p in parts.items() if p.folder == folder]
+        ours = {k for g in gathered for name in same for k in g.get(name, ())}
+        recipes = {k: r for name in same for k, r in parts[name].recipes.items()}
+        shapes = {n: reader.shape(n) for n in reader.names()}
+        problems += [f"{folder}: {p}" for p in coverage_problems(
+            recipes, ours, shapes, lambda n: any(parts[name].unused(n) for name in same))]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    start = time.perf_counter()
+    for name, (module, metadata, _) in mine.items():
+        load_into(module, parts[name].recipes, readers[parts[name].folder],
+                                metadata=metadata)
+    with torch.no_grad():
+        optimizer.reload_model_params()
+    if dist.get_rank() == 0:
+        print(f"loaded {', '.join(f'{n} from {p.folder}' for n, p in parts.items())} "
+              f"(Hugging Face) in {time.perf_counter() - start:.2f} s", flush=True)
 
 
 def _branch_template(rt: Runtime, name: str) -> dict:

@@ -16,6 +16,7 @@ from examples.mimo.flags import (FREE, LAYOUT, MATCH, QUIET, SCHEDULE, Flag, add
                                  derived, option, read)
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.model_providers.hf_checkpoint import is_hf_folder
 from examples.mimo.training.hetero import graphs, kernels, profiling
 from examples.mimo.training.hetero.exits import SIGNALS
 
@@ -223,10 +224,16 @@ class CheckpointConfig:
                             help="Load model weights only and start at iteration 0.")
     load_language_from: Optional[str] = option(
         "--load-language-from", QUIET, default=None,
-        help="Single-grid Megatron dist-checkpoint of the language model to start from.")
+        help="The language model to start from: a Hugging Face folder (config.json + "
+             "*.safetensors; its shape replaces the preset's), a checkpoint of this trainer, or "
+             "a single-grid Megatron dist-checkpoint of that branch.")
     load_vision_from: Optional[str] = option(
         "--load-vision-from", QUIET, default=None,
-        help="Single-grid Megatron dist-checkpoint of the vision encoder to start from.")
+        help="The vision encoder to start from, as --load-language-from.")
+    load_from_hf: Optional[str] = option(
+        "--load-from-hf", QUIET, default=None,
+        help="A whole Hugging Face VLM folder (e.g. nemotron_h_omni) to start both branches and "
+             "the projector from; its config.json gives the model's shape. Local only.")
     allow_existing_save: bool = option(
         "--allow-existing-save", QUIET, action="store_true",
         help="Let --save be a directory holding checkpoints this run does not resume (or the one "
@@ -312,6 +319,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
     data_provider = lookup("--data-provider", DATA_PROVIDERS, args.data_provider)
     model_cfg = model_provider.config_from_args(args)
     data_cfg = data_provider.config_from_args(args)
+    validate_hf_sources(args, model_provider, model_cfg)
     grid = GridConfig(**read(GridConfig, args),
                       llm_expt_tp=args.llm_tp if args.llm_expt_tp is None else args.llm_expt_tp)
     if grid.context_parallel_size != 1:
@@ -365,6 +373,19 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         kernels=kernel_cfg,
         profile=profiling.from_args(args, train_iters=schedule.train_iters),
     )
+
+
+def validate_hf_sources(args: argparse.Namespace, provider, model_cfg) -> None:
+    if args.load_from_hf is not None and args.llm_only:
+        raise ValueError(f"--load-from-hf {args.load_from_hf} starts both branches; with "
+                         f"--llm-only use --load-language-from {args.load_from_hf}")
+    hf = args.load_from_hf is not None or any(
+        is_hf_folder(p) for p in (args.load_language_from, args.load_vision_from))
+    if hf and not provider.hf_parts(model_cfg, load_from_hf=args.load_from_hf,
+                                    language_from=args.load_language_from,
+                                    vision_from=args.load_vision_from):
+        raise ValueError(f"--model-provider {args.model_provider} does not import Hugging Face "
+                         f"folders (nemotron_moe_vlm does)")
 
 
 def validate_grid(grid: GridConfig, world_size: int) -> None:

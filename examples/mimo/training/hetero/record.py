@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 from examples.mimo.training.hetero.errors import CheckpointError
 
-SCHEMA = 3
+SCHEMA = 4
 KEY = "checkpoint_version"  # the name schema 2 used for its version; kept so every schema reads it
 
 
@@ -41,7 +41,20 @@ def _from_2(common: dict) -> dict:
     return out
 
 
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2}
+def _from_3(common: dict) -> dict:
+    """Schema 4 added --load-from-hf, and to the Nemotron provider the router's scaling factor
+    (schema 3's code used 2.5), --moe-router-bias-update-rate (megatron-core's default then) and
+    vision_layout: schema 3's vision side had RADIO's final LayerNorm and no projector norm
+    ("ln_post"), which today's model is not: such a checkpoint is refused, naming the field."""
+    config = copy.deepcopy(common["config"])
+    config["ckpt"]["load_from_hf"] = None
+    if config["model_provider"] == "nemotron_moe_vlm":
+        config["model"].update(vision_layout="ln_post", moe_router_bias_update_rate=1e-3)
+        config["model"]["arch"]["moe_router_topk_scaling_factor"] = 2.5
+    return {**common, KEY: 4, "config": config}
+
+
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3}
 
 
 def read(common: dict, path: str) -> dict:

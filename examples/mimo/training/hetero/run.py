@@ -13,7 +13,8 @@ import torch.distributed as dist
 from examples.mimo.data.lanes import COLOCATED, ENCODER, LLM, ColocatedIterator, model_inputs
 from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
-from examples.mimo.training.hetero.checkpointing import Checkpointer, load_pretrained
+from examples.mimo.training.hetero.checkpointing import (Checkpointer, load_from_hf,
+                                                        load_pretrained)
 from examples.mimo.training.hetero.config import TrainConfig, describe
 from examples.mimo.training.hetero.divergence import DivergenceCheck
 from examples.mimo.training.hetero.errors import TrainingDiverged
@@ -239,10 +240,17 @@ def build_run(rt: Runtime, startup: StartupClock) -> Run:
     checkpointer = Checkpointer(rt, optimizer=optimizer, scheduler=scheduler, train_state=state,
                                 data=data)
     restored = ck.load is not None and checkpointer.load()
-    # Pretrained branch weights only start a run; a checkpoint of this run takes precedence.
-    if not restored and (ck.load_language_from or ck.load_vision_from):
-        load_pretrained(rt, optimizer=optimizer, language_from=ck.load_language_from,
-                        vision_from=ck.load_vision_from)
+    # Pretrained weights only start a run; a checkpoint of this run takes precedence.
+    if not restored:
+        hf = rt.model_provider.hf_parts(cfg.model, load_from_hf=ck.load_from_hf,
+                                        language_from=ck.load_language_from,
+                                        vision_from=ck.load_vision_from)
+        if hf:
+            load_from_hf(rt, optimizer=optimizer, parts=hf)
+        language, vision = (None if LANGUAGE in hf else ck.load_language_from,
+                            None if ENCODER_MODULE in hf else ck.load_vision_from)
+        if language or vision:
+            load_pretrained(rt, optimizer=optimizer, language_from=language, vision_from=vision)
     cuda_graphs = language_graphs(rt, optimizer)
     log_workarounds()
     startup.lap("data and checkpoint")

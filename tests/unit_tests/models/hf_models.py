@@ -1,0 +1,90 @@
+"""Tiny random Hugging Face models made by transformers itself (nothing downloaded), saved with
+save_pretrained, for the import and export tests.
+
+transformers initialises these with std 0.02 and unit norms: logits then sit near log(vocab) for
+any weights, and a wrong mapping could pass. ``spice`` redraws every tensor at the scale of its
+fan-in (norms around 1, router biases that change the routing), so each weight matters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The shape of the nemotron_moe_vlm provider's tiny-cpu preset (attention + MoE: runs on CPU).
+TEXT = dict(model_type="nemotron_h", vocab_size=256, hidden_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, intermediate_size=128, mlp_hidden_act="relu2",
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            moe_shared_expert_intermediate_size=128, n_group=1, topk_group=1,
+            norm_topk_prob=True, routed_scaling_factor=2.5, tie_word_embeddings=False,
+            layers_block_type=["full_attention", "moe", "full_attention", "moe"],
+            mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16)
+VISION = dict(model_type="radio", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              mlp_ratio=2.0, patch_size=8, max_img_size=64, num_cls_tokens=1, num_registers=1,
+              video_temporal_patch_size=2)
+OMNI = dict(force_image_size=32, projector_hidden_size=128, vision_hidden_size=32,
+            image_token_id=255)
+
+
+@torch.no_grad()
+def spice(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "layer_scale" in name:
+            continue
+        if "norm" in name and p.dim() == 1 and not name.endswith("bias"):
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif p.dim() == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.3 * torch.randn(b.shape, generator=g))
+
+
+def omni(path, *, seed: int = 0, **text) -> str:
+    from transformers.models.nemotron_h_omni import configuration_nemotron_h_omni as oc
+    from transformers.models.nemotron_h_omni import modeling_nemotron_h_omni as om
+
+    cfg = oc.NemotronH_Omni_Reasoning_V3_Config(text_config={**TEXT, **text}, vision_config=VISION,
+                                                **OMNI)
+    model = om.NemotronH_Omni_Reasoning_V3._from_config(cfg, attn_implementation="eager",
+                                                         dtype=torch.float32)
+    spice(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def load_omni(path):
+    from transformers.models.nemotron_h_omni import modeling_nemotron_h_omni as om
+
+    return om.NemotronH_Omni_Reasoning_V3.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager").eval()
+
+
+@torch.no_grad()
+def omni_loss(model, samples, *, patch_dim: int, image_token_id: int) -> float:
+    """transformers' loss of ``samples`` (the mock data's dicts: input_ids, labels, loss_mask,
+    image [3, H, W] or None), averaged over their loss tokens as the trainer averages a global
+    batch. Images go in as transformers' processor hands them over: packed (c, y, x) patches."""
+    import torch.nn.functional as F
+
+    from examples.mimo.images import patchify
+
+    total, count = 0.0, 0.0
+    for s in samples:
+        ids = s["input_ids"][None]
+        embeds = model.language_model.get_input_embeddings()(ids)
+        if s["image"] is not None:
+            image = s["image"]
+            grid = torch.tensor([[image.shape[1] // patch_dim, image.shape[2] // patch_dim]])
+            features = torch.cat(model.get_image_features(
+                pixel_values=patchify(image, patch_dim), image_grid_hw=grid).pooler_output)
+            mask = (ids == image_token_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        logits = model.language_model(inputs_embeds=embeds).logits.float()[0]
+        loss = F.cross_entropy(logits, s["labels"], reduction="none")
+        total += float((loss * s["loss_mask"]).sum())
+        count += float(s["loss_mask"].sum())
+    return total / count

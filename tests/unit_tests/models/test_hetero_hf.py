@@ -1,0 +1,168 @@
+"""Hugging Face weights in and out for the Nemotron VLM, on CPU/gloo. The HF models are
+transformers' own (tiny, random, hf_models.py); each is imported through the real launcher into a
+layout, and the first iteration's loss (computed with the imported weights) must equal
+transformers' loss on the same batch. Export gives back the same tensors, and after training a
+folder whose loss transformers computes as ours. Bad folders are one line, in-process."""
+
+import json
+
+import pytest
+import torch
+
+from examples.mimo.data import mock as mock_data
+from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
+from examples.mimo.model_providers.hf_checkpoint import Reader, coverage_problems
+from examples.mimo.scripts import export_hf
+from examples.mimo.training.hetero.config import parse_config
+from tests.unit_tests.models import hf_models
+from tests.unit_tests.models.dist_harness import run_train
+
+FLAGS = ["--model-provider", "nemotron_moe_vlm", "--global-batch-size", "4",
+         "--micro-batch-size", "2", "--seq-length", "64"]
+# fp32 on both sides; what differs is the order of reductions (TP, the experts' sums)
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return hf_models.omni(tmp_path_factory.mktemp("hf") / "omni")
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return hf_models.load_omni(folder)
+
+
+def transformers_loss(model, flags, *, world, first):
+    """transformers' loss on the global batch of samples first .. first + batch - 1."""
+    cfg = parse_config(["--device", "cpu", "--train-iters", "1", *flags], world_size=world)
+    spec = nemotron.data_spec(cfg.model)
+    samples = [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=cfg.batch.seq_length,
+                                     seed=cfg.runtime.seed, with_images=True)
+               for i in range(first, first + cfg.batch.global_batch_size)]
+    assert any(s["image"] is not None for s in samples)
+    return hf_models.omni_loss(model, samples, patch_dim=cfg.model.arch.patch_dim,
+                               image_token_id=spec.image_token_id)
+
+
+LAYOUTS = {
+    "one rank, colocated": (1, ["--colocated"]),
+    "hetero 1+1": (2, []),
+    "LLM TP2 with sequence parallel and EP2": (3, ["--llm-tp", "2", "--sequence-parallel",
+                                                   "--llm-ep", "2", "--llm-expt-tp", "1"]),
+    "LLM PP2": (3, ["--llm-pp", "2"]),
+    "encoder DP1 fanning out to LLM DP2": (3, ["--llm-dp", "2"]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_imported_vlm_computes_transformers_loss(layout, folder, reference, tmp_path):
+    nproc, extra = LAYOUTS[layout]
+    flags = [*FLAGS, *extra, "--load-from-hf", folder, "--train-iters", "1"]
+    rows, proc = run_train(nproc, tmp_path, flags)
+    assert f"from {folder} (Hugging Face)" in proc.stdout
+    theirs = transformers_loss(reference, flags, world=nproc, first=0)
+    assert rows[0]["lm_loss"] == pytest.approx(theirs, rel=RTOL)
+
+
+def tensors(path):
+    reader = Reader(str(path))
+    return {n: reader.read(n, (slice(None),)) for n in reader.names()}
+
+
+def test_export_gives_back_the_imported_tensors_and_the_trained_model(folder, tmp_path):
+    # Imported and saved with nothing trained (an LR too small to move fp32 weights, routing
+    # biases held): the export is the source, tensor for tensor.
+    held = ["--lr", "1e-30", "--min-lr", "0", "--moe-router-bias-update-rate", "0"]
+    run_train(2, tmp_path, [*FLAGS, *held, "--load-from-hf", folder, "--train-iters", "1",
+                            "--save", str(tmp_path / "a")], "a")
+    assert export_hf.main(["--load", str(tmp_path / "a"), "--out", str(tmp_path / "a.hf")]) == 0
+    source, exported = tensors(folder), tensors(tmp_path / "a.hf")
+    assert sorted(set(source) - set(exported)) == sorted(
+        n for n in source if n.endswith((".lambda1", "summary_idxs", "video_embedder.weight")))
+    assert [n for n in exported if not torch.equal(exported[n], source[n])] == []
+
+    # Three real steps, exported; the resumed fourth step's loss (computed with the saved
+    # weights) is what transformers computes with the exported folder.
+    ckpt = str(tmp_path / "b")
+    run_train(2, tmp_path, [*FLAGS, "--load-from-hf", folder, "--train-iters", "4",
+                            "--exit-interval", "3", "--save", ckpt], "b")
+    assert export_hf.main(["--load", ckpt, "--out", str(tmp_path / "b.hf")]) == 0
+    rows, _ = run_train(2, tmp_path, [*FLAGS, "--train-iters", "4", "--load", ckpt], "c")
+    theirs = transformers_loss(hf_models.load_omni(tmp_path / "b.hf"), FLAGS, world=2,
+                               first=3 * 4)
+    assert rows[-1]["iteration"] == 4
+    assert rows[-1]["lm_loss"] == pytest.approx(theirs, rel=RTOL)
+    with open(tmp_path / "b.hf" / "config.json") as f:
+        assert json.load(f)["model_type"] == "nemotron_h_omni"
+
+
+def test_export_never_overwrites(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("kept")
+    assert export_hf.main(["--load", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+# ---- the shape comes from the folder; bad folders are one line ---------------------------------
+
+def config(*flags, world=2):
+    return parse_config(["--device", "cpu", "--train-iters", "1", *FLAGS, *flags],
+                        world_size=world)
+
+
+def test_the_folder_gives_the_shape(folder):
+    a = config("--load-from-hf", folder, "--model-preset", "nemotron-20l").model.arch
+    assert (a.hybrid_layer_pattern, a.hidden_size, a.num_experts, a.vision_num_layers,
+            a.class_token_len, a.img_h) == ("*E*E", 64, 4, 2, 2, 32)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hidden-size", "32"], "--hidden-size 32 contradicts the Hugging Face config.json (64)"),
+    (["--image-token-id", "3"], "--image-token-id 3 contradicts the Hugging Face config.json (255)"),
+    (["--llm-only", "--llm-dp", "2"], "with --llm-only use --load-language-from"),
+    (["--load-language-from", "x"], "drop --load-language-from and --load-vision-from"),
+])
+def test_a_contradiction_is_one_line(folder, flags, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config("--load-from-hf", folder, *flags)
+
+
+def test_a_bad_folder_is_one_line(tmp_path, folder):
+    with pytest.raises(ValueError, match=f"--load-from-hf {tmp_path}/none is not a directory"):
+        config("--load-from-hf", str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        config("--load-from-hf", str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not readable JSON"):
+        config("--load-from-hf", str(tmp_path))
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text('{"model_type": "radio"}')
+    (vit / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"--load-language-from {vit}: config.json has "
+                                         f"model_type 'radio', not 'nemotron_h'"):
+        config("--load-language-from", str(vit))
+    with pytest.raises(ValueError, match="--model-provider mock does not import Hugging Face"):
+        parse_config(["--train-iters", "1", "--load-from-hf", folder], world_size=2)
+
+
+def test_coverage_names_what_is_missing_and_what_would_be_left(folder):
+    cfg = config("--load-from-hf", folder)
+    parts = nemotron.hf_parts(cfg.model, load_from_hf=folder, language_from=None,
+                              vision_from=None)
+    recipes = {k: r for p in parts.values() for k, r in p.recipes.items()}
+    reader = Reader(folder)
+    shapes = {n: reader.shape(n) for n in reader.names()}
+    unused = lambda n: any(p.unused(n) for p in parts.values())  # noqa: E731
+    assert coverage_problems(recipes, recipes, shapes, unused) == []
+    gone = "language_model.backbone.layers.1.mixer.gate.weight"
+    found = coverage_problems(recipes, recipes, {k: v for k, v in shapes.items() if k != gone},
+                              unused)
+    assert found == [f"the folder lacks ['{gone}']"]
+    extra = {**shapes, "language_model.backbone.layers.9.norm.weight": (64,)}
+    assert coverage_problems(recipes, recipes, extra, unused) == [
+        "1 tensors of the folder would not be used: "
+        "['language_model.backbone.layers.9.norm.weight']"]
+    assert coverage_problems(recipes, set(recipes) | {"decoder.extra"}, shapes, unused) == [
+        "no Hugging Face tensor fills ['decoder.extra']"]
