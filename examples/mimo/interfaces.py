@@ -109,6 +109,7 @@ class HFPart:
     folder: str
     recipes: dict
     unused: Callable[[str], bool]
+    notes: Tuple[str, ...] = ()  # logged once at the load (e.g. a branch left out)
 
 
 class KernelChoices(Protocol):

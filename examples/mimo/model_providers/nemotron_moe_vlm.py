@@ -228,7 +228,8 @@ def hf_parts(cfg: NemotronVLMConfig, *, load_from_hf: Optional[str], language_fr
             src.vision, nemotron_hf.vision_recipes(cfg.arch, prefix=src.vision_prefix,
                                                    transformer_impl=cfg.transformer_impl,
                                                    projector=src.projector, vit=VIT_ENCODER),
-            nemotron_hf.unused(src, src.vision))
+            nemotron_hf.unused(src, src.vision),
+            notes=tuple(n for n in [nemotron_hf.audio_note(src)] if n))
     return parts
 
 

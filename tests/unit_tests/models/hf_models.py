@@ -27,19 +27,24 @@ OMNI = dict(force_image_size=32, projector_hidden_size=128, vision_hidden_size=3
 
 @torch.no_grad()
 def spice(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=device)
+
     for name, p in model.named_parameters():
         if "layer_scale" in name:
             continue
         if "norm" in name and p.dim() == 1 and not name.endswith("bias"):
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            p.copy_(1 + 0.2 * randn(p.shape))
         elif p.dim() == 1:
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            p.copy_(0.1 * randn(p.shape))
         else:
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            p.copy_(randn(p.shape) / p.shape[-1] ** 0.5)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
-            b.copy_(0.3 * torch.randn(b.shape, generator=g))
+            b.copy_(0.3 * randn(b.shape))
 
 
 def omni(path, *, seed: int = 0, **text) -> str:
@@ -50,6 +55,17 @@ def omni(path, *, seed: int = 0, **text) -> str:
                                                 **OMNI)
     model = om.NemotronH_Omni_Reasoning_V3._from_config(cfg, attn_implementation="eager",
                                                          dtype=torch.float32)
+    spice(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def nemotron_h(path, *, seed: int = 0, device: str = "cpu", dtype=torch.float32, **text) -> str:
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    fields = {k: v for k, v in {**TEXT, **text}.items() if k != "model_type"}
+    with torch.device(device):
+        model = NemotronHForCausalLM._from_config(NemotronHConfig(**fields), dtype=dtype)
     spice(model, seed)
     model.save_pretrained(str(path))
     return str(path)
@@ -86,5 +102,20 @@ def omni_loss(model, samples, *, patch_dim: int, image_token_id: int) -> float:
         logits = model.language_model(inputs_embeds=embeds).logits.float()[0]
         loss = F.cross_entropy(logits, s["labels"], reduction="none")
         total += float((loss * s["loss_mask"]).sum())
+        count += float(s["loss_mask"].sum())
+    return total / count
+
+
+@torch.no_grad()
+def llm_loss(model, samples) -> float:
+    """transformers' loss of text-only ``samples`` with a NemotronHForCausalLM (on its device)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for s in samples:
+        logits = model(s["input_ids"][None].to(device)).logits.float()[0]
+        loss = F.cross_entropy(logits, s["labels"].to(device), reduction="none")
+        total += float((loss * s["loss_mask"].to(device)).sum())
         count += float(s["loss_mask"].sum())
     return total / count

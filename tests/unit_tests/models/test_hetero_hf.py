@@ -47,7 +47,7 @@ def transformers_loss(model, flags, *, world, first):
 
 LAYOUTS = {
     "one rank, colocated": (1, ["--colocated"]),
-    "hetero 1+1": (2, []),
+    # hetero 1+1: test_export_gives_back_the_imported_tensors_and_the_trained_model
     "LLM TP2 with sequence parallel and EP2": (3, ["--llm-tp", "2", "--sequence-parallel",
                                                    "--llm-ep", "2", "--llm-expt-tp", "1"]),
     "LLM PP2": (3, ["--llm-pp", "2"]),
@@ -65,34 +65,55 @@ def test_the_imported_vlm_computes_transformers_loss(layout, folder, reference, 
     assert rows[0]["lm_loss"] == pytest.approx(theirs, rel=RTOL)
 
 
+def test_the_language_model_alone_from_a_nemotron_h_folder(tmp_path):
+    """--llm-only from transformers' NemotronHForCausalLM folder (its own names, no prefix)."""
+    from transformers import NemotronHForCausalLM
+
+    folder = hf_models.nemotron_h(tmp_path / "nemotron_h", seed=1)
+    flags = [*FLAGS, "--llm-only", "--load-language-from", folder, "--train-iters", "1"]
+    rows, _ = run_train(1, tmp_path, flags)
+    cfg = parse_config(["--device", "cpu", *flags], world_size=1)
+    spec = nemotron.data_spec(cfg.model)
+    samples = [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=64,
+                                     seed=cfg.runtime.seed, with_images=False) for i in range(4)]
+    model = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 experts_implementation="eager").eval()
+    assert rows[0]["lm_loss"] == pytest.approx(hf_models.llm_loss(model, samples), rel=RTOL)
+
+
 def tensors(path):
     reader = Reader(str(path))
     return {n: reader.read(n, (slice(None),)) for n in reader.names()}
 
 
-def test_export_gives_back_the_imported_tensors_and_the_trained_model(folder, tmp_path):
-    # Imported and saved with nothing trained (an LR too small to move fp32 weights, routing
-    # biases held): the export is the source, tensor for tensor.
+def test_export_gives_back_the_imported_tensors_and_the_trained_model(folder, reference,
+                                                                     tmp_path):
+    # Hetero 1+1, imported and saved with nothing trained (an LR too small to move fp32 weights,
+    # routing biases held): its loss is transformers', and the export is the source, tensor for
+    # tensor (but those left out on purpose).
     held = ["--lr", "1e-30", "--min-lr", "0", "--moe-router-bias-update-rate", "0"]
-    run_train(2, tmp_path, [*FLAGS, *held, "--load-from-hf", folder, "--train-iters", "1",
-                            "--save", str(tmp_path / "a")], "a")
+    flags = [*FLAGS, *held, "--load-from-hf", folder, "--train-iters", "1"]
+    rows, _ = run_train(2, tmp_path, [*flags, "--save", str(tmp_path / "a")], "a")
+    assert rows[0]["lm_loss"] == pytest.approx(
+        transformers_loss(reference, flags, world=2, first=0), rel=RTOL)
     assert export_hf.main(["--load", str(tmp_path / "a"), "--out", str(tmp_path / "a.hf")]) == 0
     source, exported = tensors(folder), tensors(tmp_path / "a.hf")
     assert sorted(set(source) - set(exported)) == sorted(
         n for n in source if n.endswith((".lambda1", "summary_idxs", "video_embedder.weight")))
     assert [n for n in exported if not torch.equal(exported[n], source[n])] == []
 
-    # Three real steps, exported; the resumed fourth step's loss (computed with the saved
-    # weights) is what transformers computes with the exported folder.
+    # Four real steps, saved after the third: the fourth step's loss is computed with the saved
+    # weights, and transformers computes it with their export.
     ckpt = str(tmp_path / "b")
-    run_train(2, tmp_path, [*FLAGS, "--load-from-hf", folder, "--train-iters", "4",
-                            "--exit-interval", "3", "--save", ckpt], "b")
-    assert export_hf.main(["--load", ckpt, "--out", str(tmp_path / "b.hf")]) == 0
-    rows, _ = run_train(2, tmp_path, [*FLAGS, "--train-iters", "4", "--load", ckpt], "c")
+    rows, _ = run_train(2, tmp_path, [*FLAGS, "--load-from-hf", folder, "--train-iters", "4",
+                                      "--save", ckpt, "--save-interval", "3"], "b")
+    assert export_hf.main(["--load", ckpt, "--iteration", "3", "--out",
+                           str(tmp_path / "b.hf")]) == 0
     theirs = transformers_loss(hf_models.load_omni(tmp_path / "b.hf"), FLAGS, world=2,
                                first=3 * 4)
-    assert rows[-1]["iteration"] == 4
-    assert rows[-1]["lm_loss"] == pytest.approx(theirs, rel=RTOL)
+    assert rows[3]["iteration"] == 4
+    assert rows[3]["lm_loss"] == pytest.approx(theirs, rel=RTOL)
+    assert rows[3]["lm_loss"] < rows[0]["lm_loss"]
     with open(tmp_path / "b.hf" / "config.json") as f:
         assert json.load(f)["model_type"] == "nemotron_h_omni"
 
@@ -166,3 +187,37 @@ def test_coverage_names_what_is_missing_and_what_would_be_left(folder):
         "['language_model.backbone.layers.9.norm.weight']"]
     assert coverage_problems(recipes, set(recipes) | {"decoder.extra"}, shapes, unused) == [
         "no Hugging Face tensor fills ['decoder.extra']"]
+
+
+def test_a_shard_reads_only_its_own_rows():
+    """What a TP rank's slice of a fused QKV asks of the folder: its query groups' rows of q, k
+    and v, and its own columns, nothing else."""
+    from examples.mimo.model_providers import nemotron_hf
+
+    asked = []
+
+    class Recording:
+        def read(self, name, index):
+            asked.append((name, index[0].start, index[0].stop, index[1].start, index[1].stop))
+            return torch.zeros(index[0].stop - index[0].start, index[1].stop - index[1].start)
+
+    arch = nemotron.PRESETS["tiny-cpu"]  # 4 heads of 16 in 2 query groups: 3 x 32 rows each
+    recipe = nemotron_hf.language_recipes(arch, prefix="", transformer_impl="local")[
+        "decoder.layers.0.self_attention.linear_qkv.weight"]
+    out = recipe.read(Recording(), [slice(64, 128), slice(0, 64)])  # TP rank 1 of 2
+    assert out.shape == (64, 64)
+    mixer = "backbone.layers.0.mixer."
+    assert asked == [(f"{mixer}q_proj.weight", 32, 64, 0, 64), (f"{mixer}k_proj.weight", 16, 32, 0, 64),
+                     (f"{mixer}v_proj.weight", 16, 32, 0, 64)]
+
+
+def test_the_audio_branch_is_named_when_left_out():
+    from examples.mimo.model_providers import nemotron_hf
+
+    src = nemotron_hf.Sources(language="d", vision="d", projector=True,
+                              configs=(("d", {"model_type": "nemotron_h_omni",
+                                              "audio_config": {"hidden_size": 8}}),))
+    assert nemotron_hf.audio_note(src) == ("d: its audio branch (sound_encoder.*, "
+                                           "sound_projection.*) is not imported: this model has "
+                                           "no audio input")
+    assert nemotron_hf.unused(src, "d")("sound_encoder.encoder.layers.0.w")

@@ -411,6 +411,8 @@ def load_from_hf(rt: Runtime, *, optimizer, parts: Dict[str, HFPart]) -> None:
     with torch.no_grad():
         optimizer.reload_model_params()
     if dist.get_rank() == 0:
+        for note in dict.fromkeys(n for p in parts.values() for n in p.notes):
+            print(note, flush=True)
         print(f"loaded {', '.join(f'{n} from {p.folder}' for n, p in parts.items())} "
               f"(Hugging Face) in {time.perf_counter() - start:.2f} s", flush=True)
 
