@@ -117,11 +117,6 @@ class Rows:
             at += count
 
 
-def rows(name: str, first: int = 0, count: Optional[int] = None, *, of: int = 0) -> Rows:
-    """One block (``count`` None: to the end of a tensor of ``of`` rows)."""
-    return Rows(((name, first, of - first if count is None else count),))
-
-
 @dataclass(frozen=True)
 class Experts:
     """A tensor of ours with a leading expert axis (megatron-core's experts, one recipe each)."""

@@ -299,7 +299,8 @@ def layer_scale_problems(reader) -> List[str]:
 
     bad = [n for n in reader.names() if _is_layer_scale(n)
            and not torch.all(reader.read(n, (slice(None),)) == 1)]
-    return [f"{reader.path}: layer scales other than 1 are not supported ({bad[:4]})"] if bad else []
+    return [f"{reader.path}: RADIO layer scales other than 1 are not supported ({bad[:4]}): "
+            f"transformers applies them as identities"] if bad else []
 
 
 # ---- export --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from examples.mimo.flags import FREE, MATCH, add_group, arg, derived, label, opt
 from examples.mimo.interfaces import (ENCODER_MODULE, LANGUAGE_MODULE, DataSpec, HFPart,
                                      KernelChoices, ModelFacts, StepFlops, StepWork)
 from examples.mimo.model_providers import common, nemotron_hf, specs
-from examples.mimo.model_providers.hf_checkpoint import is_hf_folder
+from examples.mimo.model_providers.hf_checkpoint import Reader, is_hf_folder
 from examples.mimo.model_providers import flops as F
 
 NAME = "nemotron_moe_vlm"
@@ -167,8 +167,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
     # The shapes of HF folders given to the checkpoint flags win over the preset; a size flag that
-    # says otherwise is an error, not an override.
-    # (the trainer's checkpoint flags; a tool's parser of the provider's flags alone has none)
+    # says otherwise is an error, not an override. (The trainer's checkpoint flags: a tool's
+    # parser of the provider's flags alone has none.)
     src = _hf_sources(*(getattr(args, name, None) for name in
                         ("load_from_hf", "load_language_from", "load_vision_from")))
     hf_arch, hf_extra = nemotron_hf.architecture(src) if src.any else ({}, {})
@@ -224,6 +224,9 @@ def hf_parts(cfg: NemotronVLMConfig, *, load_from_hf: Optional[str], language_fr
                                                        transformer_impl=cfg.transformer_impl),
             nemotron_hf.unused(src, src.language))
     if src.vision is not None:
+        problems = nemotron_hf.layer_scale_problems(Reader(src.vision))
+        if problems:
+            raise ValueError(problems[0])
         parts[ENCODER_MODULE] = HFPart(
             src.vision, nemotron_hf.vision_recipes(cfg.arch, prefix=src.vision_prefix,
                                                    transformer_impl=cfg.transformer_impl,

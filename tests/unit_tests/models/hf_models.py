@@ -60,12 +60,23 @@ def omni(path, *, seed: int = 0, **text) -> str:
     return str(path)
 
 
-def nemotron_h(path, *, seed: int = 0, device: str = "cpu", dtype=torch.float32, **text) -> str:
+def nemotron_h(path, *, seed: int = 0, device: str = "cpu", dtype=torch.float32,
+               max_shard_size="5GB", **text) -> str:
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     fields = {k: v for k, v in {**TEXT, **text}.items() if k != "model_type"}
     with torch.device(device):
         model = NemotronHForCausalLM._from_config(NemotronHConfig(**fields), dtype=dtype)
+    spice(model, seed)
+    model.save_pretrained(str(path), max_shard_size=max_shard_size)
+    return str(path)
+
+
+def radio(path, *, seed: int = 0) -> str:
+    from transformers.models.radio import RadioConfig, RadioModel
+
+    fields = {k: v for k, v in VISION.items() if k not in ("model_type", "video_temporal_patch_size")}
+    model = RadioModel(RadioConfig(**fields))
     spice(model, seed)
     model.save_pretrained(str(path))
     return str(path)

@@ -69,7 +69,8 @@ def test_the_language_model_alone_from_a_nemotron_h_folder(tmp_path):
     """--llm-only from transformers' NemotronHForCausalLM folder (its own names, no prefix)."""
     from transformers import NemotronHForCausalLM
 
-    folder = hf_models.nemotron_h(tmp_path / "nemotron_h", seed=1)
+    folder = hf_models.nemotron_h(tmp_path / "nemotron_h", seed=1, max_shard_size="200KB")
+    assert (tmp_path / "nemotron_h" / "model.safetensors.index.json").exists()  # sharded
     flags = [*FLAGS, "--llm-only", "--load-language-from", folder, "--train-iters", "1"]
     rows, _ = run_train(1, tmp_path, flags)
     cfg = parse_config(["--device", "cpu", *flags], world_size=1)
@@ -189,6 +190,42 @@ def test_coverage_names_what_is_missing_and_what_would_be_left(folder):
         "no Hugging Face tensor fills ['decoder.extra']"]
 
 
+def test_a_radio_folder_maps_onto_the_vision_branch(tmp_path):
+    """A standalone RADIO folder (transformers' names, no prefix) for --load-vision-from: every
+    tensor is used or left out on purpose, every key of the ViT filled."""
+    folder = hf_models.radio(tmp_path / "radio")
+    cfg = config("--load-vision-from", folder)
+    assert (cfg.model.arch.vision_hidden_size, cfg.model.arch.class_token_len) == (32, 2)
+    part = nemotron.hf_parts(cfg.model, load_from_hf=None, language_from=None,
+                             vision_from=folder)["images"]
+    reader = Reader(folder)
+    shapes = {n: reader.shape(n) for n in reader.names()}
+    assert coverage_problems(part.recipes, part.recipes, shapes, part.unused) == []
+    assert "input_projections.0.norm.weight" not in part.recipes  # the projector is not in it
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_mamba_layers_map_onto_transformers_tensors(impl, tmp_path):
+    """Mamba layers cannot run here (their kernels need CUDA: test_hetero_gpu_hf runs them); the
+    mapping is checked row by row: in_proj's z, x, B, C, dt and conv1d's x, B, C parts tile
+    transformers' tensors exactly, with the norm's name of each layer spec."""
+    from examples.mimo.model_providers import nemotron_hf
+
+    kinds = ["linear_attention", "moe", "full_attention", "mlp"]
+    folder = hf_models.nemotron_h(tmp_path / "hybrid", layers_block_type=kinds)
+    arch = config("--llm-only", "--llm-dp", "2", "--load-language-from", folder).model.arch
+    assert arch.hybrid_layer_pattern == "ME*-"
+    recipes = nemotron_hf.language_recipes(arch, prefix="", transformer_impl=impl)
+    reader = Reader(folder)
+    shapes = {n: reader.shape(n) for n in reader.names()}
+    assert coverage_problems(recipes, recipes, shapes, lambda n: False) == []
+    norm = "mixer.in_proj.layer_norm_weight" if impl == "transformer_engine" else "norm.weight"
+    assert recipes[f"decoder.layers.0.{norm}"].parts == (("backbone.layers.0.norm.weight", 0, 64),)
+    # d_inner 8 x 16 = 128, B and C 2 groups x 16 = 32, 8 heads
+    assert [recipes[f"decoder.layers.0.mixer.in_proj.weight.{p}"].parts[0][1:] for p in
+            ("z", "x", "B", "C", "dt")] == [(0, 128), (128, 128), (256, 32), (288, 32), (320, 8)]
+
+
 def test_a_shard_reads_only_its_own_rows():
     """What a TP rank's slice of a fused QKV asks of the folder: its query groups' rows of q, k
     and v, and its own columns, nothing else."""
@@ -221,3 +258,20 @@ def test_the_audio_branch_is_named_when_left_out():
                                            "sound_projection.*) is not imported: this model has "
                                            "no audio input")
     assert nemotron_hf.unused(src, "d")("sound_encoder.encoder.layers.0.w")
+
+
+def test_a_layer_scale_other_than_one_is_refused(folder, tmp_path):
+    """transformers applies RADIO's layer scales as identities; one that is not 1 would be
+    silently dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "scaled"
+    shutil.copytree(folder, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    name = "vision_model.radio_model.model.blocks.0.layer_scale1.lambda1"
+    weights[name] = weights[name] * 2
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="RADIO layer scales other than 1 are not supported"):
+        config("--load-from-hf", str(copy))
