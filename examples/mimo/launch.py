@@ -127,6 +127,9 @@ def main(argv) -> int:
             return 2
     failures = tempfile.mkdtemp(prefix="hetero-failures-")
     os.environ["HETERO_FAILURE_DIR"] = failures
+    # torchrun's own default (one thread per rank), set here so that it does not print its
+    # five-line banner about setting it; a value of the caller's is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # torchrun's agent logs each rank it stops and its own view of the failure; the summary
     # below says what matters.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

@@ -335,3 +335,13 @@ def test_the_start_up_line_takes_the_slowest_rank_per_phase():
     assert startup_line([encoder, llm]) == ("start-up, slowest rank per phase: model 9.0 s, "
                                             "optimizer 2.0 s; first iteration 30.0 s (slowest "
                                             "rank in all: 31.5 s)")
+
+
+@pytest.mark.parametrize("tflops, shown", [(356.4, "356 TFLOP/s"), (1.234, "1.23 TFLOP/s"),
+                                           (0.0123, "12.3 GFLOP/s"), (4.5e-6, "4.5 MFLOP/s"),
+                                           (None, "-")])
+def test_flop_rates_keep_three_digits_at_any_scale(tflops, shown):
+    """Before: a CPU run's line read "TFLOP/s/GPU: 0.0"."""
+    from examples.mimo.training.hetero.logger import flop_rate
+
+    assert flop_rate(tflops) == shown

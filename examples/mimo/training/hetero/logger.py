@@ -55,6 +55,17 @@ def throughput(*, seconds_per_iter: float, flops: StepFlops, tokens_per_iter: in
     }
 
 
+def flop_rate(tflops: Optional[float]) -> str:
+    """Model FLOP/s with three significant digits in the unit that keeps them (a CPU run's 0.0
+    TFLOP/s is 12.3 GFLOP/s): "356 TFLOP/s", "12.3 GFLOP/s"."""
+    if tflops is None:
+        return "-"
+    for unit, scale in (("TFLOP/s", 1.0), ("GFLOP/s", 1e-3), ("MFLOP/s", 1e-6)):
+        if tflops >= scale or unit == "MFLOP/s":
+            return f"{tflops / scale:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
 class IntervalLogger:
     def __init__(self, *, enabled: bool, interval: int, total_iters: int, global_batch: int,
                  seq_length: int, encoder_gpus: int, llm_gpus: int, world: int,
@@ -80,6 +91,9 @@ class IntervalLogger:
         self._data_wait_s = 0.0
         self._image_tokens = 0.0
         self._moe_keys: set = set()
+        self._start = time.perf_counter()
+        self._losses: list = []  # (iteration, lm loss) of this job's first and last iteration
+        self._validation: Optional[tuple] = None  # (iteration, loss) of the last evaluation
 
     @property
     def iterations_since_line(self) -> int:
@@ -101,6 +115,7 @@ class IntervalLogger:
         if not self.enabled:
             return
         self._moe_keys = set(result.moe_losses)
+        self._losses[1 if self._losses else 0:] = [(state.iteration, result.lm_loss)]
         row = {"iteration": state.iteration, "lm_loss": result.lm_loss, "grad_norm": result.grad_norm,
                "learning_rate": result.learning_rate, "skipped": result.skipped,
                "loss_tokens": result.loss_tokens, **result.moe_losses,
@@ -139,15 +154,15 @@ class IntervalLogger:
                          f"{t['optimizer']:.1f} |")
             if t["peak_memory_gib"]:
                 branches += f" {label} peak mem (GiB): {t['peak_memory_gib']:.2f} |"
-        split = "/".join("-" if row[k] is None else f"{row[k]:.1f}"
-                         for k in ("encoder_tflops_per_gpu", "llm_tflops_per_gpu"))
+        split = "/".join(flop_rate(row[k]) for k in ("encoder_tflops_per_gpu",
+                                                     "llm_tflops_per_gpu"))
         print(f" iteration {state.iteration:8d}/{self.total_iters:8d} |"
               f" consumed samples: {state.consumed_samples:12d} |"
               f" elapsed time per iteration (ms): {row['interval_iteration_ms']:.1f} |"
               f" data wait (ms): {row['interval_data_wait_ms']:.1f} |"
-              f" throughput per GPU (TFLOP/s/GPU): {row['tflops_per_gpu']:.1f} |"
-              f" encoder/llm TFLOP/s/GPU: {split} |"
-              f" tokens/s/GPU: {row['tokens_per_s_per_gpu']:.1f} |"
+              f" throughput per GPU: {flop_rate(row['tflops_per_gpu'])} |"
+              f" encoder/llm per GPU: {split} |"
+              f" tokens/s/GPU: {row['tokens_per_s_per_gpu']:.3g} |"
               f" learning rate: {result.learning_rate:.6E} |"
               f" global batch size: {self.global_batch:5d} |"
               f" lm loss: {result.lm_loss:.6E} |{moe}"
@@ -183,6 +198,7 @@ class IntervalLogger:
         if not self.enabled:
             return
         ppl = math.exp(min(20.0, loss))
+        self._validation = (iteration, loss)
         print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} |"
               f" lm loss PPL: {ppl:.6E} | tokens: {tokens}", flush=True)
         if self._metrics is not None:
@@ -194,6 +210,22 @@ class IntervalLogger:
             for name, value in (("validation lm loss", loss), ("validation lm loss ppl", ppl)):
                 self._tb.add_scalar(name, value, iteration)
                 self._tb.add_scalar(f"{name} vs samples", value, samples)
+
+    def summary(self, *, checkpoint: Optional[str], metrics_file: Optional[str],
+                tensorboard_dir: Optional[str]) -> Optional[str]:
+        """The run in one line, for the end of a finished job (the logging rank's; else None)."""
+        if not self.enabled or not self._losses:
+            return None
+        (first_it, first), (last_it, last) = self._losses[0], self._losses[-1]
+        parts = [f"done: iterations {first_it}-{last_it} in {time.perf_counter() - self._start:.1f} s",
+                 f"training loss {first:.4g} -> {last:.4g}"]
+        if self._validation is not None:
+            parts.append(f"validation loss {self._validation[1]:.4g} (iteration "
+                         f"{self._validation[0]})")
+        parts += [f"{name} {value}" for name, value in (
+            ("checkpoint", checkpoint), ("metrics", metrics_file), ("TensorBoard", tensorboard_dir))
+            if value]
+        return " | ".join(parts)
 
     def close(self) -> None:
         if self._metrics is not None:

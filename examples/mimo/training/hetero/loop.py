@@ -37,6 +37,7 @@ def train(rt: Runtime, *, startup: Optional[StartupClock] = None) -> list:
             run.evaluate(force=True)  # as Megatron: once more after the last iteration
         run.save_final()
         run.exits.finish()
+        run.summarize()
     finally:
         run.close()
     report_peak_memory(rank=dist.get_rank(), module=rt.topology.module_name, device=rt.device)

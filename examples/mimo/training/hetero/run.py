@@ -15,6 +15,7 @@ from examples.mimo.interfaces import ENCODER_MODULE, RankData, StepWork
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.checkpointing import (Checkpointer, load_from_hf,
                                                         load_pretrained)
+from examples.mimo.training.hetero.ckpt_policy import iteration_dir
 from examples.mimo.training.hetero.config import TrainConfig, describe
 from examples.mimo.training.hetero.divergence import DivergenceCheck
 from examples.mimo.training.hetero.errors import TrainingDiverged
@@ -209,6 +210,15 @@ class Run:
             self.log.record_eval(iteration=self.state.iteration,
                                  samples=self.state.consumed_samples, loss=result[0],
                                  tokens=result[1])
+
+    def summarize(self) -> None:
+        """After a finished run: what it did and where it wrote, in one line."""
+        ck, saved = self.cfg.ckpt, self.checkpointer.last_saved
+        line = self.log.summary(
+            checkpoint=iteration_dir(ck.save, saved) if ck.save and saved is not None else None,
+            metrics_file=self.cfg.log.metrics_file, tensorboard_dir=self.cfg.log.tensorboard_dir)
+        if line is not None:
+            print(line, flush=True)
 
     def close(self) -> None:
         self.log.close()
