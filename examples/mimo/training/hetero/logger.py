@@ -66,6 +66,10 @@ def flop_rate(tflops: Optional[float]) -> str:
     raise AssertionError("unreachable")
 
 
+def _three_digits(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"  # 2180, not 2.18e+03
+
+
 class IntervalLogger:
     def __init__(self, *, enabled: bool, interval: int, total_iters: int, global_batch: int,
                  seq_length: int, encoder_gpus: int, llm_gpus: int, world: int,
@@ -162,7 +166,7 @@ class IntervalLogger:
               f" data wait (ms): {row['interval_data_wait_ms']:.1f} |"
               f" throughput per GPU: {flop_rate(row['tflops_per_gpu'])} |"
               f" encoder/llm per GPU: {split} |"
-              f" tokens/s/GPU: {row['tokens_per_s_per_gpu']:.3g} |"
+              f" tokens/s/GPU: {_three_digits(row['tokens_per_s_per_gpu'])} |"
               f" learning rate: {result.learning_rate:.6E} |"
               f" global batch size: {self.global_batch:5d} |"
               f" lm loss: {result.lm_loss:.6E} |{moe}"
