@@ -19,17 +19,16 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 
 
-def quiet_library_warnings(show: bool) -> None:
+def quiet_library_warnings(show: bool, argv=()):
     """megatron-core and torch repeat the same warnings per rank, per import and per call: a job
-    shows each once (``show`` on rank 0 only), not once per rank and call."""
-    warnings.simplefilter("once" if show else "ignore")
-    import logging
+    shows each once (``show`` on rank 0 only), and library notices with nothing to act on not at
+    all unless --verbose-warnings (read from argv here: most come while the trainer's modules are
+    imported, before the flags are parsed); notices.py keeps the count."""
+    from examples.mimo.training.hetero.notices import Notices
 
-    # megatron-core logs INFO/WARNING per rank through its own loggers (bucket layouts, ...).
-    logging.getLogger("megatron").setLevel(logging.WARNING if show else logging.ERROR)
+    return Notices(show=show, verbose="--verbose-warnings" in argv).install()
 
 
 def check(argv, world_size: int):
@@ -64,7 +63,7 @@ def main(argv=None) -> None:
 
     startup = StartupClock()
     rank = int(os.environ.get("RANK", "0"))
-    quiet_library_warnings(show=rank == 0)
+    notices = quiet_library_warnings(show=rank == 0, argv=argv)
     cfg, notes = check(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.runtime.dry_run:
         if rank == 0:
@@ -85,6 +84,8 @@ def main(argv=None) -> None:
     train(runtime, startup=startup)
     runtime.close()
     savelock.release_held()
+    if rank == 0 and notices.summary():
+        print(notices.summary(), flush=True)
 
 
 def write_report(where: str, rank: str, error: str, **extra) -> None:

@@ -162,6 +162,11 @@ class RuntimeConfig:
     distributed_timeout_minutes: float = option(
         "--distributed-timeout-minutes", QUIET, type=float, default=10.0,
         help="Collective timeout; a stuck job ends within it.")
+    verbose_warnings: bool = option(
+        "--verbose-warnings", QUIET, action="store_true",
+        help="Show the libraries' notices (experimental APIs, fallbacks from packages not "
+             "installed, their own deprecations), each once; by default they are counted "
+             "(notices.py). Warnings from this package's code are always shown.")
     dry_run: bool = option("--dry-run", QUIET, action="store_true",
                            help="Validate, print the resolved layout (grids, lanes, micro-batches, "
                                 "parameters per branch) and exit; WORLD_SIZE gives the world "

@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 from examples.mimo.training.hetero.errors import CheckpointError
 
-SCHEMA = 4
+SCHEMA = 5
 KEY = "checkpoint_version"  # the name schema 2 used for its version; kept so every schema reads it
 
 
@@ -54,7 +54,14 @@ def _from_3(common: dict) -> dict:
     return {**common, KEY: 4, "config": config}
 
 
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3}
+def _from_4(common: dict) -> dict:
+    """Schema 5 added --verbose-warnings."""
+    config = copy.deepcopy(common["config"])
+    config["runtime"]["verbose_warnings"] = False
+    return {**common, KEY: 5, "config": config}
+
+
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3, 4: _from_4}
 
 
 def read(common: dict, path: str) -> dict:
