@@ -51,7 +51,8 @@ LAYOUTS = {
     "LLM TP2 with sequence parallel and EP2": (3, ["--llm-tp", "2", "--sequence-parallel",
                                                    "--llm-ep", "2", "--llm-expt-tp", "1"]),
     "LLM PP2": (3, ["--llm-pp", "2"]),
-    "encoder DP1 fanning out to LLM DP2": (3, ["--llm-dp", "2"]),
+    "encoder DP2 fanning out to LLM DP4": (6, ["--encoder-dp", "2", "--llm-dp", "4",
+                                               "--global-batch-size", "8"]),
 }
 
 
