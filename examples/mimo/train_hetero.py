@@ -65,6 +65,9 @@ def main(argv=None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     notices = quiet_library_warnings(show=rank == 0, argv=argv)
     cfg, notes = check(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    from examples.mimo.training.hetero.device import kernel_cache_env
+
+    os.environ.update(kernel_cache_env(cfg.runtime.kernel_cache_dir, cfg.ckpt.save, os.environ))
     if cfg.runtime.dry_run:
         if rank == 0:
             print(dry_run_report(cfg, notes))

@@ -308,7 +308,7 @@ def test_todays_record_is_the_frozen_one_of_its_schema(run):
 
 def test_an_unknown_schema_is_one_line():
     with pytest.raises(CheckpointError, match=r"ckpt: checkpoint schema 1 is not one this trainer "
-                                              r"reads \(2, 3, 4, 5\)"):
+                                              r"reads \(2, 3, 4, 5, 6\)"):
         record.read({record.KEY: 1, "args": {}}, "ckpt")
     with pytest.raises(CheckpointError, match="schema 99"):
         record.read({record.KEY: 99}, "ckpt")

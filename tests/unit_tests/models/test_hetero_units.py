@@ -361,3 +361,23 @@ def test_library_notices_are_counted_and_ours_shown():
     assert not is_notice(DeprecationWarning, "torch.jit.script_method is deprecated", ours)
     assert not is_notice(UserWarning, "the loss is NaN", lib)
     assert not is_notice(RuntimeWarning, "overflow encountered", lib)
+
+
+def test_compiled_kernels_are_kept_with_the_run(tmp_path, monkeypatch):
+    """Triton's and inductor's caches go under --kernel-cache-dir or <--save>/kernel-cache, where
+    a requeued job finds them (before: ~/.triton and /tmp of whichever node ran the job); a
+    caller's own setting wins."""
+    from examples.mimo.training.hetero.device import kernel_cache_env
+
+    save = str(tmp_path / "run")
+    assert kernel_cache_env(None, save, {}) == {
+        "TRITON_CACHE_DIR": f"{save}/kernel-cache/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{save}/kernel-cache/inductor"}
+    assert kernel_cache_env("/cache", save, {"TRITON_CACHE_DIR": "/mine"}) == {
+        "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor"}
+    assert kernel_cache_env(None, None, {}) == {}
+    environ = {"WORLD_SIZE": "2"}
+    monkeypatch.setattr(train_hetero.os, "environ", environ)
+    monkeypatch.setattr(train_hetero, "quiet_library_warnings", lambda **kw: None)
+    train_hetero.main(["--dry-run", "--train-iters", "3", "--save", save])
+    assert environ["TRITON_CACHE_DIR"] == f"{save}/kernel-cache/triton"

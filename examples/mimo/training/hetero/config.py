@@ -162,6 +162,11 @@ class RuntimeConfig:
     distributed_timeout_minutes: float = option(
         "--distributed-timeout-minutes", QUIET, type=float, default=10.0,
         help="Collective timeout; a stuck job ends within it.")
+    kernel_cache_dir: Optional[str] = option(
+        "--kernel-cache-dir", QUIET, default=None,
+        help="Where the first iteration's compiled kernels are kept (TRITON_CACHE_DIR, "
+             "TORCHINDUCTOR_CACHE_DIR), so that a requeued or resumed job reuses them "
+             "(default: <--save>/kernel-cache; a variable set by the caller wins).")
     verbose_warnings: bool = option(
         "--verbose-warnings", QUIET, action="store_true",
         help="Show the libraries' notices (experimental APIs, fallbacks from packages not "

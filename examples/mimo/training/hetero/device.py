@@ -13,6 +13,7 @@ import contextlib
 import os
 import types
 from datetime import timedelta
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,23 @@ def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available")
     return requested
+
+
+# The compile caches a job's first iteration fills: Triton's kernels (mamba-ssm's, and those
+# torch.compile generates) and torch inductor's. Their defaults (~/.triton, /tmp) do not follow a
+# job that is requeued onto another node.
+KERNEL_CACHES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
+def kernel_cache_env(cache_dir: Optional[str], save: Optional[str],
+                     environ: Mapping[str, str]) -> Dict[str, str]:
+    """The cache variables to set: under --kernel-cache-dir, else under <--save>/kernel-cache
+    (a requeued or resumed job then finds its compiled kernels), never over a caller's own."""
+    root = cache_dir or (os.path.join(save, "kernel-cache") if save else None)
+    if root is None:
+        return {}
+    return {var: os.path.join(os.path.abspath(root), sub) for var, sub in KERNEL_CACHES.items()
+            if var not in environ}
 
 
 def init_distributed(device: str, timeout_minutes: float) -> torch.device:

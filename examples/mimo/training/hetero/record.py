@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 from examples.mimo.training.hetero.errors import CheckpointError
 
-SCHEMA = 5
+SCHEMA = 6
 KEY = "checkpoint_version"  # the name schema 2 used for its version; kept so every schema reads it
 
 
@@ -61,7 +61,14 @@ def _from_4(common: dict) -> dict:
     return {**common, KEY: 5, "config": config}
 
 
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3, 4: _from_4}
+def _from_5(common: dict) -> dict:
+    """Schema 6 added --kernel-cache-dir."""
+    config = copy.deepcopy(common["config"])
+    config["runtime"]["kernel_cache_dir"] = None
+    return {**common, KEY: 6, "config": config}
+
+
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3, 4: _from_4, 5: _from_5}
 
 
 def read(common: dict, path: str) -> dict:
