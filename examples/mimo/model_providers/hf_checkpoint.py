@@ -65,14 +65,22 @@ class Reader:
         self.path = path
         index = os.path.join(path, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{index} is not a readable index of safetensors files "
+                                 f"({type(err).__name__}: {err})") from None
         else:
             files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         self._handles = {}
         self._file_of: Dict[str, str] = {}
         for name in files:
-            handle = safe_open(os.path.join(path, name), framework="pt")
+            file = os.path.join(path, name)
+            try:  # the header only: JSON, no pickle, nothing executed
+                handle = safe_open(file, framework="pt")
+            except Exception as err:  # safetensors' own SafetensorError, or an OSError
+                raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._file_of[key] = name

@@ -276,3 +276,21 @@ def test_a_layer_scale_other_than_one_is_refused(folder, tmp_path):
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="RADIO layer scales other than 1 are not supported"):
         config("--load-from-hf", str(copy))
+
+
+def test_a_damaged_weights_file_is_one_line(folder, tmp_path):
+    """Found: a safetensors file that is not one (or a broken index) escaped as safetensors' own
+    error, a traceback from the configuration check, instead of one line naming the file."""
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(folder, copy)
+    (copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=f"{copy}/model.safetensors is not a readable safetensors "
+                                         f"file"):
+        config("--load-from-hf", str(copy))
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        config("--llm-only", "--llm-dp", "2", "--load-language-from", str(copy))  # no vision read
+    (copy / "model.safetensors.index.json").write_text("{broken")
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a readable index"):
+        config("--load-from-hf", str(copy))

@@ -16,7 +16,7 @@ from examples.mimo.flags import (FREE, LAYOUT, MATCH, QUIET, SCHEDULE, Flag, add
                                  derived, option, read)
 from examples.mimo.interfaces import ModelFacts
 from examples.mimo.model_providers import MODEL_PROVIDERS
-from examples.mimo.model_providers.hf_checkpoint import is_hf_folder
+from examples.mimo.model_providers.hf_checkpoint import Reader, is_hf_folder
 from examples.mimo.training.hetero import graphs, kernels, profiling
 from examples.mimo.training.hetero.exits import SIGNALS
 
@@ -391,11 +391,16 @@ def validate_hf_sources(args: argparse.Namespace, provider, model_cfg) -> None:
                          f"--llm-only use --load-language-from {args.load_from_hf}")
     hf = args.load_from_hf is not None or any(
         is_hf_folder(p) for p in (args.load_language_from, args.load_vision_from))
-    if hf and not provider.hf_parts(model_cfg, load_from_hf=args.load_from_hf,
-                                    language_from=args.load_language_from,
-                                    vision_from=args.load_vision_from):
+    if not hf:
+        return
+    parts = provider.hf_parts(model_cfg, load_from_hf=args.load_from_hf,
+                              language_from=args.load_language_from,
+                              vision_from=args.load_vision_from)
+    if not parts:
         raise ValueError(f"--model-provider {args.model_provider} does not import Hugging Face "
                          f"folders (nemotron_moe_vlm does)")
+    for folder in sorted({p.folder for p in parts.values()}):
+        Reader(folder)  # every weights file's header, here rather than on every rank later
 
 
 def validate_grid(grid: GridConfig, world_size: int) -> None:
