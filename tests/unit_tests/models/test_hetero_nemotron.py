@@ -86,6 +86,8 @@ def test_training_stage_projector_only_freezes_vit_and_lm():
     (["--image-token-id", "256"], "--image-token-id 256 must be in [0, --vocab-size 256)"),
     (["--image-token-id", "7"], "image token id 7 lies among the mock text ids"),
     (["--moe-aux-loss-coeff", "-1"], "--moe-aux-loss-coeff -1.0 must be >= 0"),
+    (["--moe-router-bias-update-rate", "-1"], "--moe-router-bias-update-rate -1.0 must be >= 0"),
+    (["--moe-router-topk-scaling-factor", "0"], "--moe-router-topk-scaling-factor 0.0 must be > 0"),
     (["--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor 0.0 must be > 0"),
     (["--moe-pad-expert-input-to-capacity"],
      "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),

@@ -381,3 +381,8 @@ def test_compiled_kernels_are_kept_with_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_hetero, "quiet_library_warnings", lambda **kw: None)
     train_hetero.main(["--dry-run", "--train-iters", "3", "--save", save])
     assert environ["TRITON_CACHE_DIR"] == f"{save}/kernel-cache/triton"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"--kernel-cache-dir {tmp_path}/file is a file, not a "
+                                         f"directory"):
+        parse_config(["--train-iters", "1", "--kernel-cache-dir", str(tmp_path / "file")],
+                     world_size=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from fractions import Fraction
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
@@ -350,6 +351,9 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         raise ValueError("--bf16 needs --device cuda (gloo on CPU runs fp32)")
     if args.distributed_timeout_minutes <= 0:
         raise ValueError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} must be > 0")
+    if args.kernel_cache_dir is not None and os.path.exists(args.kernel_cache_dir) and \
+            not os.path.isdir(args.kernel_cache_dir):
+        raise ValueError(f"--kernel-cache-dir {args.kernel_cache_dir} is a file, not a directory")
     if args.log_interval < 1:
         raise ValueError(f"--log-interval {args.log_interval} must be >= 1")
     if args.eval_interval is not None and args.eval_interval < 1:
