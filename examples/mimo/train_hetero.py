@@ -87,8 +87,9 @@ def main(argv=None) -> None:
     train(runtime, startup=startup)
     runtime.close()
     savelock.release_held()
-    if rank == 0 and notices.summary():
-        print(notices.summary(), flush=True)
+    hidden = notices.summary() if rank == 0 else None
+    if hidden:
+        print(hidden, flush=True)
 
 
 def write_report(where: str, rank: str, error: str, **extra) -> None:

@@ -54,21 +54,26 @@ def _from_3(common: dict) -> dict:
     return {**common, KEY: 4, "config": config}
 
 
-def _from_4(common: dict) -> dict:
-    """Schema 5 added --verbose-warnings."""
-    config = copy.deepcopy(common["config"])
-    config["runtime"]["verbose_warnings"] = False
-    return {**common, KEY: 5, "config": config}
+def _field_added(field: str, value) -> Callable[[dict], dict]:
+    """The migration of a schema that only added a config field (dotted name) with ``value``,
+    what the older code did without it."""
+    def migrate(common: dict) -> dict:
+        config = copy.deepcopy(common["config"])
+        *parents, name = field.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[name] = value
+        return {**common, KEY: common[KEY] + 1, "config": config}
+
+    return migrate
 
 
-def _from_5(common: dict) -> dict:
-    """Schema 6 added --kernel-cache-dir."""
-    config = copy.deepcopy(common["config"])
-    config["runtime"]["kernel_cache_dir"] = None
-    return {**common, KEY: 6, "config": config}
-
-
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {2: _from_2, 3: _from_3, 4: _from_4, 5: _from_5}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {
+    2: _from_2, 3: _from_3,
+    4: _field_added("runtime.verbose_warnings", False),  # schema 5: --verbose-warnings
+    5: _field_added("runtime.kernel_cache_dir", None),  # schema 6: --kernel-cache-dir
+}
 
 
 def read(common: dict, path: str) -> dict:
