@@ -202,20 +202,36 @@ class Assembler:
 
 # ---- import into a megatron-core module ---------------------------------------------------------
 
-def load_into(module: torch.nn.Module, recipes: Dict[str, object], reader: Reader, *,
-              metadata: dict, dtype: Optional[torch.dtype] = None) -> List[str]:
-    """Fill ``module`` (a branch, as its sharded_state_dict names it) from the folder: each of its
-    shards reads its own rows and columns only. Returns the keys it filled; raises ValueError
-    naming keys without a recipe."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
-                                                          apply_factory_merges)
+@dataclass
+class BranchShards:
+    """A built branch as dist-checkpointing shards it (factories applied): the keys the coverage
+    check gathers and the shards import fills, made once."""
+
+    module: torch.nn.Module
+    sharded: dict
+    factories: dict
+    keys: List[str]
+
+
+def branch_shards(module: torch.nn.Module, metadata: dict) -> BranchShards:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
-    sharded = module.sharded_state_dict(prefix="", metadata=metadata)
-    sharded, _, factories = load_preprocess(sharded)
-    keys = {v.key for v in nested_values(sharded) if isinstance(v, ShardedTensor)}
-    missing = sorted(keys - set(recipes))
+    sharded, _, factories = load_preprocess(module.sharded_state_dict(prefix="",
+                                                                      metadata=metadata))
+    keys = sorted({v.key for v in nested_values(sharded) if isinstance(v, ShardedTensor)})
+    return BranchShards(module, sharded, factories, keys)
+
+
+def load_into(shards: BranchShards, recipes: Dict[str, object], reader: Reader) -> None:
+    """Fill a branch from the folder: each of its shards reads its own rows and columns only, in
+    the parameter's dtype. Raises ValueError naming keys without a recipe."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
+                                                          apply_factory_merges)
+
+    missing = sorted(set(shards.keys) - set(recipes))
     if missing:
         raise ValueError(f"no Hugging Face tensor fills {missing[:8]}")
 
@@ -232,34 +248,22 @@ def load_into(module: torch.nn.Module, recipes: Dict[str, object], reader: Reade
         if got.shape != value.data.shape:
             raise ValueError(f"{value.key}: Hugging Face gives {list(got.shape)}, the model holds "
                              f"{list(value.data.shape)}")
-        return got.to(dtype or value.data.dtype)
+        return got.to(value.data.dtype)
 
-    dict_list_map_inplace(fill, sharded)
-    state = apply_factory_merges(sharded, factories)
-    state = _drop_none(state)
+    dict_list_map_inplace(fill, shards.sharded)
+    state = _drop_none(apply_factory_merges(shards.sharded, shards.factories))
     with torch.no_grad():
-        incompatible = module.load_state_dict(state, strict=False)
+        incompatible = shards.module.load_state_dict(state, strict=False)
     bad = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
     if bad or incompatible.unexpected_keys:
         raise ValueError(f"loading Hugging Face weights left {bad[:8]} unfilled and "
                          f"{incompatible.unexpected_keys[:8]} unplaced")
-    return sorted(keys)
 
 
 def _drop_none(tree):
     if isinstance(tree, dict):
         return {k: _drop_none(v) for k, v in tree.items() if v is not None}
     return tree
-
-
-def global_keys(module: torch.nn.Module, metadata: dict) -> List[str]:
-    """The dist-checkpointing keys of a built branch (factories split), without reading data."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
-
-    sharded, _, _ = load_preprocess(module.sharded_state_dict(prefix="", metadata=metadata))
-    return sorted({v.key for v in nested_values(sharded) if isinstance(v, ShardedTensor)})
 
 
 # ---- export --------------------------------------------------------------------------------------

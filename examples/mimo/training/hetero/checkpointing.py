@@ -32,8 +32,8 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from examples.mimo.interfaces import ENCODER_MODULE, DataStateMismatch, HFPart
-from examples.mimo.model_providers.hf_checkpoint import (Reader, coverage_problems, global_keys,
-                                                        load_into)
+from examples.mimo.model_providers.hf_checkpoint import (Reader, branch_shards,
+                                                        coverage_problems, load_into)
 from examples.mimo.training.hetero import compat, record, savelock
 from examples.mimo.training.hetero.ckpt_policy import (
     TRACKER,
@@ -387,11 +387,10 @@ def load_from_hf(rt: Runtime, *, optimizer, parts: Dict[str, HFPart]) -> None:
     mine = {}
     for name in parts:
         if name in rt.branches:
-            module = unwrap_model(branch(rt.model, name))
-            metadata = {"dp_cp_group": rt.topology.module_pgc(name).dp_cp}
-            mine[name] = (module, metadata, global_keys(module, metadata))
+            mine[name] = branch_shards(unwrap_model(branch(rt.model, name)),
+                                       {"dp_cp_group": rt.topology.module_pgc(name).dp_cp})
     gathered: List[Dict[str, List[str]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {name: keys for name, (_, _, keys) in mine.items()})
+    dist.all_gather_object(gathered, {name: shards.keys for name, shards in mine.items()})
     problems = []
     readers = {}
     for folder in sorted({p.folder for p in parts.values()}):
@@ -405,9 +404,8 @@ def load_from_hf(rt: Runtime, *, optimizer, parts: Dict[str, HFPart]) -> None:
     if problems:
         raise CheckpointError("; ".join(problems))
     start = time.perf_counter()
-    for name, (module, metadata, _) in mine.items():
-        load_into(module, parts[name].recipes, readers[parts[name].folder],
-                                metadata=metadata)
+    for name, shards in mine.items():
+        load_into(shards, parts[name].recipes, readers[parts[name].folder])
     with torch.no_grad():
         optimizer.reload_model_params()
     if dist.get_rank() == 0:
