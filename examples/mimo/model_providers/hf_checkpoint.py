@@ -276,11 +276,6 @@ class Writer:
         if os.path.exists(out) and os.listdir(out):
             raise ValueError(f"--out {out} exists and is not empty (never overwritten)")
         self.out, self.tmp = out, out.rstrip("/") + ".tmp"
-        if os.path.exists(self.tmp):
-            import shutil
-
-            shutil.rmtree(self.tmp)
-        os.makedirs(self.tmp)
         self.shard_bytes = shard_bytes
         self.pending: Dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
@@ -299,6 +294,12 @@ class Writer:
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
+
+        if not self.files:  # the first shard: a fresh DIR.tmp (an earlier failed export's goes)
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            os.makedirs(self.tmp)
 
         name = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.tmp, name), metadata={"format": "pt"})

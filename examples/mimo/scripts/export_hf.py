@@ -18,7 +18,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -51,16 +51,8 @@ def checkpoint_dir(load: str, iteration: Optional[int]) -> str:
     return found[1]
 
 
-def read_tensor(path: str, key: str, size, dtype) -> torch.Tensor:
-    from torch.distributed.checkpoint import FileSystemReader, load
-
-    out = {key: torch.empty(size, dtype=dtype)}
-    load(out, storage_reader=FileSystemReader(path), no_dist=True)
-    return out[key]
-
-
 def export(args: argparse.Namespace) -> str:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import FileSystemReader, load
 
     from examples.mimo.model_providers import MODEL_PROVIDERS
     from examples.mimo.model_providers.hf_checkpoint import Assembler, Writer
@@ -74,28 +66,33 @@ def export(args: argparse.Namespace) -> str:
     config = read_common(path)["config"]
     provider = MODEL_PROVIDERS[config["model_provider"]]
     branches, hf_config = provider.hf_export(config["model"], llm_only=config["grid"]["llm_only"])
+    writer = Writer(args.out)  # refuses a non-empty --out before anything is read
     stored = FileSystemReader(path).read_metadata().state_dict_metadata
-    writer = Writer(args.out)
-    parts = Assembler()
-    found: Dict[str, set] = {name: set() for name in branches}
+    wanted = {}  # stored key -> (branch, its key there)
     for key in sorted(stored):
         m = _BRANCH.match(key)
         if m is None or "_extra_state" in key:
             continue
         branch = "language" if m.group(1) == "language_model" else m.group(2)
-        recipes = branches.get(branch)
-        if recipes is None or m.group(3) not in recipes:
+        if m.group(3) not in branches.get(branch, {}):
             raise ValueError(f"{path}: {key} has no Hugging Face name (model provider "
                              f"{config['model_provider']})")
-        meta = stored[key]
-        tensor = read_tensor(path, key, meta.size, meta.properties.dtype)
-        if args.dtype != "checkpoint":
-            tensor = tensor.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-        recipes[m.group(3)].write(tensor, parts)
-        found[branch].add(m.group(3))
-    missing = sorted(k for name, recipes in branches.items() for k in set(recipes) - found[name])
+        wanted[key] = (branch, m.group(3))
+    missing = sorted(k for name, recipes in branches.items()
+                     for k in set(recipes) - {ours for b, ours in wanted.values() if b == name})
     if missing:
         raise ValueError(f"{path} lacks {missing[:8]}")
+    # One read of every model tensor (torch's planner reads the metadata once, not per key);
+    # the HF tensors are assembled from them, so both are on the host at the end anyway.
+    tensors = {key: torch.empty(stored[key].size, dtype=stored[key].properties.dtype)
+               for key in wanted}
+    load(tensors, storage_reader=FileSystemReader(path), no_dist=True)
+    parts = Assembler()
+    for key, (branch, ours) in wanted.items():
+        tensor = tensors.pop(key)
+        if args.dtype != "checkpoint":
+            tensor = tensor.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        branches[branch][ours].write(tensor, parts)
     for name in sorted(parts.blocks):
         writer.add(name, parts.tensor(name))
     writer.close(_full_config(hf_config), copy_from=args.tokenizer)

@@ -89,7 +89,7 @@ def tensors(path):
 
 
 def test_export_gives_back_the_imported_tensors_and_the_trained_model(folder, reference,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
     # Hetero 1+1, imported and saved with nothing trained (an LR too small to move fp32 weights,
     # routing biases held): its loss is transformers', and the export is the source, tensor for
     # tensor (but those left out on purpose).
@@ -103,6 +103,13 @@ def test_export_gives_back_the_imported_tensors_and_the_trained_model(folder, re
     assert sorted(set(source) - set(exported)) == sorted(
         n for n in source if n.endswith((".lambda1", "summary_idxs", "video_embedder.weight")))
     assert [n for n in exported if not torch.equal(exported[n], source[n])] == []
+    # a second export into the same folder is refused, before anything is read or written
+    assert export_hf.main(["--load", str(tmp_path / "a"), "--out", str(tmp_path / "a.hf")]) == 2
+    assert f"--out {tmp_path}/a.hf exists and is not empty" in capsys.readouterr().err
+    again = tensors(tmp_path / "a.hf")
+    assert not (tmp_path / "a.hf.tmp").exists()
+    assert sorted(again) == sorted(exported) and all(torch.equal(again[n], exported[n])
+                                                     for n in exported)
 
     # Four real steps, saved after the third: the fourth step's loss is computed with the saved
     # weights, and transformers computes it with their export.
