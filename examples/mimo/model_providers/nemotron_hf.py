@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from examples.mimo.model_providers.hf_checkpoint import Experts, Rows, read_config
+from examples.mimo.model_providers.hf_checkpoint import Experts, Rows, is_hf_folder, read_config
 
 LAYER_KINDS = {"linear_attention": "M", "full_attention": "*", "moe": "E", "mlp": "-"}
 OMNI, LLM, VIT = "nemotron_h_omni", "nemotron_h", "radio"
@@ -40,10 +40,9 @@ class Sources:
         return self.language is not None or self.vision is not None
 
 
-def sources(*, whole: Optional[str], language: Optional[str], vision: Optional[str],
-            hf_folder) -> Sources:
+def sources(*, whole: Optional[str], language: Optional[str], vision: Optional[str]) -> Sources:
     """``whole``: --load-from-hf (an omni folder); ``language``/``vision``: --load-*-from when
-    they are HF folders (``hf_folder`` decides). ValueError (one line) on a wrong model type."""
+    they are HF folders. ValueError (one line) on a wrong model type."""
     if whole is not None:
         if language is not None or vision is not None:
             raise ValueError("--load-from-hf loads both branches; drop --load-language-from and "
@@ -57,7 +56,7 @@ def sources(*, whole: Optional[str], language: Optional[str], vision: Optional[s
     out = {}
     for flag, path, kind in (("--load-language-from", language, LLM),
                              ("--load-vision-from", vision, VIT)):
-        if path is None or not hf_folder(path):
+        if not is_hf_folder(path):
             continue
         config = read_config(path, flag)
         if config.get("model_type") == OMNI:  # one branch out of a whole VLM

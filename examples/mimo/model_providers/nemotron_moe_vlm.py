@@ -20,7 +20,7 @@ from examples.mimo.flags import FREE, MATCH, add_group, arg, derived, label, opt
 from examples.mimo.interfaces import (ENCODER_MODULE, LANGUAGE_MODULE, DataSpec, HFPart,
                                      KernelChoices, ModelFacts, StepFlops, StepWork)
 from examples.mimo.model_providers import common, nemotron_hf, specs
-from examples.mimo.model_providers.hf_checkpoint import Reader, is_hf_folder
+from examples.mimo.model_providers.hf_checkpoint import Reader
 from examples.mimo.model_providers import flops as F
 
 NAME = "nemotron_moe_vlm"
@@ -169,8 +169,9 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
     # The shapes of HF folders given to the checkpoint flags win over the preset; a size flag that
     # says otherwise is an error, not an override. (The trainer's checkpoint flags: a tool's
     # parser of the provider's flags alone has none.)
-    src = _hf_sources(*(getattr(args, name, None) for name in
-                        ("load_from_hf", "load_language_from", "load_vision_from")))
+    src = nemotron_hf.sources(whole=getattr(args, "load_from_hf", None),
+                              language=getattr(args, "load_language_from", None),
+                              vision=getattr(args, "load_vision_from", None))
     hf_arch, hf_extra = nemotron_hf.architecture(src) if src.any else ({}, {})
     overrides = {k: v for k, v in read(Architecture, args).items() if v is not None}
     for f in fields(Architecture):
@@ -209,14 +210,9 @@ def config_from_args(args: argparse.Namespace) -> NemotronVLMConfig:
                              freeze_vit=args.freeze_vit or projector_only)
 
 
-def _hf_sources(whole, language, vision) -> nemotron_hf.Sources:
-    return nemotron_hf.sources(whole=whole, language=language, vision=vision,
-                               hf_folder=is_hf_folder)
-
-
 def hf_parts(cfg: NemotronVLMConfig, *, load_from_hf: Optional[str], language_from: Optional[str],
              vision_from: Optional[str]) -> Dict[str, HFPart]:
-    src = _hf_sources(load_from_hf, language_from, vision_from)
+    src = nemotron_hf.sources(whole=load_from_hf, language=language_from, vision=vision_from)
     parts = {}
     if src.language is not None:
         parts[LANGUAGE_MODULE] = HFPart(
