@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from examples.mimo.training.hetero.exits import child_pids
 from tests.unit_tests.models.dist_harness import ROOT, job_env, read_json_lines
 
@@ -120,6 +122,9 @@ def test_a_signal_or_ctrl_c_to_the_launcher_is_one_line(tmp_path):
         assert alive(ranks) == []
 
 
+# Its bound is a latency (the collective timeout, then the launcher's grace): the other test
+# worker's load stretched it to 20.4 s of a 20 s bound once in CI (e.g. beside a 6-rank job).
+@pytest.mark.serial
 def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
     """Before: a SIGSTOPped rank ended a --distributed-timeout-minutes 1 job at 92 s: torchrun's
     agent waited its fixed 30 s for the stopped rank to act on SIGTERM."""
