@@ -217,6 +217,9 @@ class Run:
         line = self.log.summary(
             checkpoint=iteration_dir(ck.save, saved) if ck.save and saved is not None else None,
             metrics_file=self.cfg.log.metrics_file, tensorboard_dir=self.cfg.log.tensorboard_dir)
+        # Every rank here, after its final save: rank 0's "saved ..." line is out before the
+        # logging rank's (found in CI: the two interleaved into one line on the shared stdout).
+        dist.barrier()
         if line is not None:
             print(line, flush=True)
 
