@@ -170,8 +170,9 @@ class _ErrorHandler:
         print(f"data: skipping a sample that failed ({what}) in {where}", flush=True)
 
 
-class _LaneBatches:
-    """This rank's lanes' batches, merged, as model inputs; subclasses make the loaders."""
+class LaneBatches:
+    """This rank's lanes' batches, merged, as model inputs; subclasses make the loaders (the
+    energon provider's here, the hf provider's in hf.py)."""
 
     def __init__(self, cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
                  to_model: Callable[[dict], dict]):
@@ -213,7 +214,7 @@ class _LaneBatches:
         return self.streams.dropped
 
 
-class EnergonIterator(_LaneBatches):
+class EnergonIterator(LaneBatches):
     """The train split: endless (energon repeats it), shuffled, resumable per rank."""
 
     per_rank = True
@@ -249,7 +250,7 @@ class EnergonIterator(_LaneBatches):
                 f"shuffled with seed {self.rank.seed} + iteration {iteration}")
 
 
-class EnergonValIterator(_LaneBatches):
+class EnergonValIterator(LaneBatches):
     """The val split: unshuffled passes, one after another, routed like training (encoder and
     LLM ranks read the same lanes). Like Megatron's validation iterator, each evaluation goes on
     where the last one stopped; not checkpointed."""
@@ -272,6 +273,6 @@ class EnergonValIterator(_LaneBatches):
 
 
 def build_iterator(cfg: EnergonDataConfig, *, spec: DataSpec, rank: RankData,
-                   to_model: Callable[[dict], dict], split: str = "train") -> _LaneBatches:
+                   to_model: Callable[[dict], dict], split: str = "train") -> LaneBatches:
     kind = {"train": EnergonIterator, "val": EnergonValIterator}[split]
     return kind(cfg, spec=spec, rank=rank, to_model=to_model)

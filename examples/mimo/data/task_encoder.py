@@ -1,10 +1,11 @@
-"""energon samples (captioning, VQA, text) -> MIMO micro-batches, with optional packing.
+"""energon samples (captioning, VQA, text) and chats -> MIMO micro-batches, with optional packing.
 
 A sample becomes (input_ids, labels, loss_mask) of its own length: an image sample's prompt goes
 through the tokenizer's chat template with one ``<image>`` that expands to the model's number of
 placeholder tokens (at --dynamic-resolution, that image's own count: see ``dynamic_size``); the
 loss covers only the answer (caption) tokens and the end-of-turn token, never the prompt, the
-placeholders or padding. Text samples train on every next token. Packing
+placeholders or padding. A chat of several turns (hf.py) is written by the chat template whole,
+its loss on every assistant turn. Text samples train on every next token. Packing
 concatenates samples into one row and records their lengths, so the model can keep attention
 within each sample; a batch pads rows to --seq-length.
 """
@@ -76,26 +77,60 @@ class MimoTaskEncoder(DefaultTaskEncoder):
             user = (self.tok.image_token + prompt) if image is not None else prompt
             head = self.tok.chat_prompt(user)
             if image is not None:
-                placeholders = self._tokens(size)
                 at = head.index(self.spec.image_token_id)
-                head = head[:at] + [self.spec.image_token_id] * placeholders + head[at + 1:]
+                head = head[:at] + [self.spec.image_token_id] * self._tokens(size) + head[at + 1:]
             tail = self.tok.text_to_ids(answer) + [self.tok.eos_id]
             ids, target = head + tail, [False] * len(head) + [True] * len(tail)
         else:
             raise TypeError(f"sample {sample.__key__}: unsupported energon sample type "
                             f"{type(sample).__name__} (CaptioningSample, VQASample, TextSample)")
+        return self._encoded(sample.__key__, sample.__restore_key__, ids, target,
+                             [(image, size)] if image is not None else [])
+
+    def encode_conversation(self, *, key: str, restore_key: tuple, messages: List[dict],
+                            images: List[torch.Tensor]) -> EncodedSample:
+        """A chat of several turns ([{role, content}], hf.py's LLaVA conversations): the chat
+        template's ids, each ``<image>`` in a user turn expanded like a captioning sample's; the
+        loss covers the assistant turns and what the template ends them with. Without images
+        (--llm-only) the markers are left out of the text."""
+        marker, image_id = self.tok.image_token, self.spec.image_token_id
+        if not self.with_images:
+            images = []
+            messages = [dict(m, content=m["content"].replace(marker, "").strip()) for m in messages]
+        elif images and not any(marker in m["content"] for m in messages):
+            # LLaVA's convention: images without markers open the first user turn
+            first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first is None:
+                raise ValueError("images but no user turn to put them in")
+            messages = list(messages)
+            messages[first] = dict(messages[first],
+                                   content=marker * len(images) + "\n" + messages[first]["content"])
+        ids, target = self.tok.chat_ids(messages)
+        at = [i for i, t in enumerate(ids) if t == image_id]
+        if len(at) != len(images):
+            raise ValueError(f"{len(at)} {marker} markers for {len(images)} image(s)")
+        if any(target[i] for i in at):
+            raise ValueError(f"an {marker} marker in an assistant turn")
+        inputs = [self._image(im) for im in images]
+        for i, (_, size) in zip(reversed(at), reversed(inputs)):  # from the end: offsets hold
+            n = self._tokens(size)
+            ids[i:i + 1], target[i:i + 1] = [image_id] * n, [False] * n
+        return self._encoded(key, restore_key, ids, target, inputs)
+
+    def _encoded(self, key: str, restore_key: tuple, ids: List[int], target: List[bool],
+                 images: List[Tuple[torch.Tensor, Tuple[int, int]]]) -> EncodedSample:
         # n + 1 tokens give n positions: the label of position i is token i + 1
         ids, target = ids[:self.seq_length + 1], target[:self.seq_length + 1]
-        if image is not None and ids.count(self.spec.image_token_id) != placeholders:
+        placeholders = sum(self._tokens(hw) for _, hw in images)
+        if images and ids.count(self.spec.image_token_id) != placeholders:
             count_dropped()  # the prompt alone is longer than --seq-length
             raise SkipSample()
         ids_t = torch.tensor(ids, dtype=torch.long)
         return EncodedSample(
-            __key__=sample.__key__, __restore_key__=sample.__restore_key__,
-            input_ids=ids_t[:-1], labels=ids_t[1:],
+            __key__=key, __restore_key__=restore_key, input_ids=ids_t[:-1], labels=ids_t[1:],
             loss_mask=torch.tensor(target[1:], dtype=torch.float32),
-            images=[image] if image is not None else [], image_sizes=[size] if size else [],
-            seqlens=[len(ids) - 1], keys=[sample.__key__])
+            images=[im for im, _ in images], image_sizes=[hw for _, hw in images],
+            seqlens=[len(ids) - 1], keys=[key])
 
     def _image(self, image: torch.Tensor):
         """[C, H, W] in [0, 1] (energon's torchrgb decode) -> (the encoder's input, (h, w)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Tuple
 
 IMAGE_TOKEN = "<image>"
 TOKENIZER_TYPES = ("HuggingFaceTokenizer",)
@@ -54,9 +54,34 @@ class Tokenizer:
 
     def chat_prompt(self, user: str) -> List[int]:
         """The user's turn and the assistant's opening, as the chat template writes them."""
-        out = self._tok.tokenizer.apply_chat_template([{"role": "user", "content": user}],
-                                                      tokenize=True, add_generation_prompt=True)
+        return self._template([{"role": "user", "content": user}], generation_prompt=True)
+
+    def _template(self, messages: List[dict], generation_prompt: bool = False) -> List[int]:
+        out = self._tok.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                      add_generation_prompt=generation_prompt)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def chat_ids(self, messages: List[dict]) -> Tuple[List[int], List[bool]]:
+        """A conversation ([{role, content}]) as the chat template writes it, and which of its
+        tokens are the assistant's. An assistant turn spans from where the template's generation
+        prompt before it ends to where the conversation up to it ends, so whatever the template
+        writes around a reply (its end of turn included) is found without parsing the template.
+        A template that does not write a conversation as a continuation of its prefixes (e.g. one
+        that drops earlier replies' reasoning) is a ValueError."""
+        full = self._template(messages)
+        target = [False] * len(full)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if i == 0:
+                raise ValueError("the conversation starts with an assistant turn")
+            head = self._template(messages[:i], generation_prompt=True)
+            upto = self._template(messages[:i + 1])
+            if full[:len(head)] != head or full[:len(upto)] != upto or len(head) > len(upto):
+                raise ValueError("the chat template does not write this conversation as a "
+                                 "continuation of its prefixes; assistant turns cannot be found")
+            target[len(head):len(upto)] = [True] * (len(upto) - len(head))
+        return full, target
 
     def check_model(self, *, vocab_size: int, image_token_id: int) -> None:
         if self.image_token_id != image_token_id:

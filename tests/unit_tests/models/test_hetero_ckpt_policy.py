@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from examples.mimo import flags
-from examples.mimo.data import DATA_PROVIDERS, energon
+from examples.mimo.data import DATA_PROVIDERS, energon, hf
 from examples.mimo.data import mock as mock_data
 from examples.mimo.model_providers import MODEL_PROVIDERS
 from examples.mimo.model_providers import mock as mock_model
@@ -308,7 +308,7 @@ def test_todays_record_is_the_frozen_one_of_its_schema(run):
 
 def test_an_unknown_schema_is_one_line():
     with pytest.raises(CheckpointError, match=r"ckpt: checkpoint schema 1 is not one this trainer "
-                                              r"reads \(2, 3, 4, 5, 6\)"):
+                                              r"reads \(2, 3, 4, 5, 6, 7\)"):
         record.read({record.KEY: 1, "args": {}}, "ckpt")
     with pytest.raises(CheckpointError, match="schema 99"):
         record.read({record.KEY: 99}, "ckpt")
@@ -327,7 +327,7 @@ CONTAINERS = {"TrainConfig." + f.name for f in dataclasses.fields(TrainConfig)
               if f.name not in ("model_provider", "data_provider")} | {"NemotronVLMConfig.arch"}
 CONFIG_CLASSES = [cls for cls, _ in GROUPS] + [
     TrainConfig, mock_model.MockModelConfig, nemotron.NemotronVLMConfig, nemotron.Architecture,
-    mock_data.MockDataConfig, energon.EnergonDataConfig]
+    mock_data.MockDataConfig, energon.EnergonDataConfig, hf.HFDataConfig]
 
 
 def test_every_field_has_a_resume_class():
@@ -346,7 +346,8 @@ def test_every_flag_is_declared_once_on_a_field(model, data):
     classes = [cls for cls, _ in GROUPS] + [TrainConfig]
     classes += {"mock": [mock_model.MockModelConfig],
                 "nemotron_moe_vlm": [nemotron.NemotronVLMConfig, nemotron.Architecture]}[model]
-    classes += {"mock": [mock_data.MockDataConfig], "energon": [energon.EnergonDataConfig]}[data]
+    classes += {"mock": [mock_data.MockDataConfig], "energon": [energon.EnergonDataConfig],
+                "hf": [hf.HFDataConfig]}[data]
     declared = [fl for cls in classes for _, fl in flags.declarations(cls)]
     names = [name for fl in declared for name in (fl.name, *fl.aliases)]
     assert sorted(n for n in names if names.count(n) > 1) == []
