@@ -47,6 +47,14 @@ class ModelFacts:
     encoder_tokens_per_image: int = 0  # the ViT's sequence length per image
     transformer_impl: str = "local"  # "transformer_engine" when the layers are TE's (kernels.py)
     sequence_parallel: bool = False  # the language model can split its sequence over TP
+    # For the memory estimate (training/hetero/memory.py); None: every parameter trains.
+    llm_trainable_params: Optional[int] = None
+    encoder_trainable_params: Optional[int] = None
+    llm_vocab_size: int = 0
+    # What backward keeps of one token (LLM) or one image (encoder) in bytes, whole branch, no
+    # TP, 16-bit activations, no recompute: what the provider's layers save for their backward.
+    llm_activation_bytes_per_token: float = 0.0
+    encoder_activation_bytes_per_image: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,8 +128,12 @@ class KernelChoices(Protocol):
     def use_mamba_mem_eff_path(self) -> bool:
         """Mamba's fused path: not disabled, and causal-conv1d's CUDA extension is there."""
 
+    def init_fields(self) -> dict:
+        """TransformerConfig fields every config of the model takes (where weights are drawn)."""
+
     def transformer_fields(self, *, fp8: bool, graphs: bool = False) -> dict:
-        """TransformerConfig fields of one branch (FP8, recompute, fusions, CUDA graphs)."""
+        """TransformerConfig fields of one branch (FP8, recompute, fusions, CUDA graphs), and
+        ``init_fields``."""
 
 
 @runtime_checkable

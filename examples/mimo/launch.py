@@ -84,7 +84,7 @@ def main(argv) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
-    from examples.mimo.train_hetero import check, dry_run_report, quiet_library_warnings
+    from examples.mimo.train_hetero import check, check_memory, dry_run_report, quiet_library_warnings
     from examples.mimo.training.hetero import compat, savelock
     from examples.mimo.training.hetero.errors import ConfigError
     from examples.mimo.training.hetero.exits import ignore_signal, leave_signal_to_ranks
@@ -107,6 +107,11 @@ def main(argv) -> int:
         return 2
     if cfg.runtime.dry_run:
         print(dry_run_report(cfg, notes))
+        try:
+            check_memory(cfg)  # a dry run ends here: CUDA initialised in this process is harmless
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
         return 0
     # Another node's launcher of this same job may find the lock its rank 0 just took: only
     # SLURM's job id tells them apart, so without it only a single node checks here (rank 0's

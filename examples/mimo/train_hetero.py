@@ -49,12 +49,31 @@ def check(argv, world_size: int):
 
 def dry_run_report(cfg, notes) -> str:
     from examples.mimo.model_providers import MODEL_PROVIDERS
+    from examples.mimo.training.hetero import memory
     from examples.mimo.training.hetero.config import describe
 
+    facts = MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)
     default = f"checkpoints: resume from {cfg.ckpt.load}" if cfg.ckpt.load \
         else "checkpoints: none to resume"
     lines = notes if any(n.startswith("resuming") for n in notes) else [default, *notes]
-    return "\n".join([describe(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)), *lines])
+    return "\n".join([describe(cfg, facts), memory.describe(cfg, memory.estimate(cfg, facts)),
+                      *lines])
+
+
+def check_memory(cfg) -> None:
+    """On a GPU rank (and a dry run that sees one): ConfigError when the estimate does not fit."""
+    from examples.mimo.model_providers import MODEL_PROVIDERS
+    from examples.mimo.training.hetero import memory
+    from examples.mimo.training.hetero.errors import ConfigError
+
+    if cfg.runtime.skip_memory_check or cfg.runtime.device == "cpu":
+        return
+    device = memory.device_bytes(int(os.environ.get("LOCAL_RANK", "0")))
+    if device is None:  # a CPU run, or a dry run on a machine without the job's GPUs
+        return
+    line = memory.problem(cfg, MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model), device)
+    if line:
+        raise ConfigError(line)
 
 
 def main(argv=None) -> None:
@@ -71,7 +90,9 @@ def main(argv=None) -> None:
     if cfg.runtime.dry_run:
         if rank == 0:
             print(dry_run_report(cfg, notes))
+            check_memory(cfg)
         return
+    check_memory(cfg)
     from examples.mimo.training.hetero import savelock
     from examples.mimo.training.hetero.ckpt_policy import remove_stale_saves
     from examples.mimo.training.hetero.loop import train

@@ -14,9 +14,9 @@ The cost model, per iteration:
 - after the schedule, each branch's DP gradient reduce-scatter and parameter all-gather (over the
   network when its DP group spans nodes) and its Adam step (--hbm-gbps); the branches do this in
   parallel on their own GPUs.
-Memory per GPU: bf16 weights and gradients, fp32 main weights and Adam moments sharded over DP
-(the distributed optimizer), experts sharded by EP, and activations of 34 bytes per token and
-hidden unit per layer (Korthikanti et al., without recomputation) for the micro-batches in flight.
+Memory per GPU: the estimate the trainer checks at start-up (training/hetero/memory.py), of the
+layout's own parsed configuration; a layout fits when it is within that check's share of
+--gpu-memory-gib.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def _ring(nbytes: float, group: int, gbps: float) -> float:
 
 
 def estimate(option: Layout, *, facts, flops_per_sample: Tuple[float, float], seq_length: int,
-             images_per_sample: float, global_batch: int, machine: Machine) -> Estimate:
+             images_per_sample: float, global_batch: int, machine: Machine,
+             memory_gib: float) -> Estimate:
+    """``memory_gib``: the trainer's own estimate for the layout (``memory_of``)."""
     L, g, m = option, option.grid, machine
     enc_flops, llm_flops = flops_per_sample
     micro = global_batch // (L.micro_batch * g.llm_dp)
@@ -161,19 +163,15 @@ def estimate(option: Layout, *, facts, flops_per_sample: Tuple[float, float], se
     enc_sync = (_ring(enc_params * b, g.encoder_dp, gbps(g.encoder_size))
                 + m.optimizer_s(enc_params / g.encoder_dp))
     sync = llm_sync + enc_sync if g.colocated else max(llm_sync, enc_sync)
-
-    # memory: weights + grads (2b), fp32 main + Adam moments (12 B) over DP, and activations:
-    # 34 bytes per token and hidden unit at 2-byte values, i.e. 17 x the layer's output, for the
-    # micro-batches a first stage holds in 1F1B (the encoder leads the LLM's stages)
-    llm_flight = min(micro, g.llm_pp)
-    enc_flight = 1 if g.colocated else min(micro, stages)
-    llm_mem = ((dense + expert) * 2 * b + dense * 12 / g.llm_dp + expert * 12 / expert_dp
-               + 17 * llm_act * llm_layers / g.llm_tp * llm_flight)
-    enc_mem = (enc_params * 2 * b + enc_params * 12 / g.encoder_dp
-               + 17 * enc_act * facts.encoder_num_layers / g.encoder_tp * enc_flight)
-    memory = (llm_mem + enc_mem) if g.colocated else max(llm_mem, enc_mem)
     return Estimate(option, iteration_ms=(schedule + sync) * 1e3, encoder_ms=enc_s * 1e3,
-                    llm_ms=llm_s * 1e3, sync_ms=sync * 1e3, memory_gib=memory / 2 ** 30)
+                    llm_ms=llm_s * 1e3, sync_ms=sync * 1e3, memory_gib=memory_gib)
+
+
+def memory_of(cfg, facts) -> float:
+    """GiB on the fullest GPU, by the estimate the trainer checks at start-up (memory.py)."""
+    from examples.mimo.training.hetero import memory
+
+    return memory.per_gpu(cfg, memory.estimate(cfg, facts)) / memory.GIB
 
 
 def calibrate(profile_path: str, shape_of) -> Dict[str, float]:
@@ -218,7 +216,10 @@ def calibrate(profile_path: str, shape_of) -> Dict[str, float]:
 
 
 def rank(estimates: Sequence[Estimate], memory_gib: Optional[float]) -> List[Estimate]:
-    fits = [e for e in estimates if memory_gib is None or e.memory_gib <= memory_gib]
+    from examples.mimo.training.hetero.memory import HEADROOM
+
+    # the part of a GPU the trainer's start-up check lets an estimate fill
+    fits = [e for e in estimates if memory_gib is None or e.memory_gib <= HEADROOM * memory_gib]
     # ties (same time): fewer pipeline stages, then less TP, then more memory left
     return sorted(fits, key=lambda e: (round(e.iteration_ms, 6), e.layout.grid.llm_pp,
                                        e.layout.grid.llm_tp + e.layout.grid.encoder_tp,
@@ -284,11 +285,12 @@ def plan(flags: Sequence[str], *, nodes: int, gpus_per_node: int, global_batch: 
     estimates, refused = [], {}
     for option in candidates(world, gpus_per_node, facts, global_batch):
         try:
-            parse_config(base + option.flags(), world_size=world)
+            cfg = parse_config(base + option.flags(), world_size=world)
         except ValueError as err:
             refused.setdefault(str(err), option)
             continue
         estimates.append(estimate(option, facts=facts, flops_per_sample=per_sample,
                                   seq_length=seq_length, images_per_sample=images_per_sample,
-                                  global_batch=global_batch, machine=machine))
+                                  global_batch=global_batch, machine=machine,
+                                  memory_gib=memory_of(cfg, facts)))
     return rank(estimates, memory_gib), list(refused), rates

@@ -23,8 +23,9 @@ def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Full weights are drawn on the CPU and then split, so the initial model does not
-        # depend on the TP layout: the layout-parity tests rely on this.
+        # Full weights drawn on the CPU and then split: the initial model does not depend on the
+        # layout (the parity tests rely on it). Tools and tests that build without the trainer's
+        # kernel options get this; the trainer's --use-cpu-initialization overrides it.
         use_cpu_initialization=True,
         # Activations cross the bridge with their shapes, so lengths may vary per step; megatron
         # then requires the alltoall MoE dispatcher even for dense models.
@@ -39,11 +40,12 @@ def base_config_kwargs(*, tp: int, pp: int, dtype: torch.dtype) -> dict:
 
 def transformer_config(*, tp: int, pp: int, dtype: torch.dtype, kernel_fields: Optional[dict] = None,
                        **kwargs):
-    """``kernel_fields``: the branch's ``KernelConfig.transformer_fields`` (FP8, recompute, fusions)."""
+    """``kernel_fields``: the branch's ``KernelConfig.transformer_fields`` (FP8, recompute, fusions)
+    or, for a projector, its ``init_fields``; they override the base settings."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**base_config_kwargs(tp=tp, pp=pp, dtype=dtype), **(kernel_fields or {}),
-                             **kwargs)
+    return TransformerConfig(**{**base_config_kwargs(tp=tp, pp=pp, dtype=dtype),
+                                **(kernel_fields or {})}, **kwargs)
 
 
 def assemble(*, topology, language_spec: Callable[[object], object],

@@ -89,7 +89,16 @@ def facts(cfg: MockModelConfig) -> ModelFacts:
                       llm_moe_layers=0, encoder_params=vit + projector, llm_params=llm,
                       llm_hidden_size=h, encoder_hidden_size=c,
                       encoder_num_layers=cfg.encoder_num_layers,
-                      encoder_tokens_per_image=cfg.image_tokens)
+                      encoder_tokens_per_image=cfg.image_tokens,
+                      llm_trainable_params=0 if cfg.freeze_lm else None,
+                      encoder_trainable_params=(0 if cfg.freeze_vit else vit)
+                      + (0 if cfg.freeze_projection else projector),
+                      llm_vocab_size=v,
+                      # 34 bytes per token and hidden unit per layer (Korthikanti et al., 2022,
+                      # without the attention scores these small sequences make negligible)
+                      llm_activation_bytes_per_token=34 * h * cfg.num_layers,
+                      encoder_activation_bytes_per_image=34 * c * cfg.encoder_num_layers
+                      * cfg.image_tokens)
 
 
 def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:
@@ -152,7 +161,7 @@ class MockViT(torch.nn.Module):
 
 
 def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.dtype,
-                 kernel_fields: Optional[dict] = None):
+                 kernel_fields: Optional[dict] = None, init_fields: Optional[dict] = None):
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.models.vision.multimodal_projector import MultimodalProjector
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -163,8 +172,8 @@ def encoder_spec(cfg: MockModelConfig, *, pg_collection, tp: int, dtype: torch.d
         tp=tp, pp=1, dtype=dtype, kernel_fields=kernel_fields, num_layers=cfg.encoder_num_layers,
         hidden_size=cfg.encoder_hidden_size, num_attention_heads=cfg.encoder_num_attention_heads)
     projector_config = common.transformer_config(
-        tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.hidden_size, num_attention_heads=tp,  # no attention; must divide by TP
+        tp=tp, pp=1, dtype=dtype, kernel_fields=init_fields, num_layers=1,
+        hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.hidden_size, num_attention_heads=tp,  # no attention; must divide by TP
         activation_func=torch.nn.functional.gelu)
     vit = ModuleSpec(module=MockViT, params=dict(config=vit_config, img_h=cfg.img_h,
                                                 img_w=cfg.img_w, patch_dim=cfg.patch_dim,
@@ -213,6 +222,7 @@ def build(cfg: MockModelConfig, *, topology, dtype: torch.dtype, seq_length: int
                                                 pp=grid.llm_pp, dtype=dtype, seq_length=seq_length,
                                                 kernel_fields=fields),
         encoder_spec=lambda pgc: encoder_spec(cfg, pg_collection=pgc, tp=grid.encoder_tp,
-                                              dtype=dtype, kernel_fields=fields))
+                                              dtype=dtype, kernel_fields=fields,
+                                              init_fields=kernels.init_fields()))
     common.freeze(model, lm=cfg.freeze_lm, vit=cfg.freeze_vit, projection=cfg.freeze_projection)
     return model

@@ -289,7 +289,14 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       encoder_num_layers=a.vision_num_layers,
                       encoder_tokens_per_image=(a.img_h // a.patch_dim) * (a.img_w // a.patch_dim)
                       + a.class_token_len, transformer_impl=cfg.transformer_impl,
-                      sequence_parallel=True)
+                      sequence_parallel=True,
+                      llm_trainable_params=0 if cfg.freeze_lm else None,
+                      encoder_trainable_params=(0 if cfg.freeze_vit else vit)
+                      + (0 if cfg.freeze_projection else projection),
+                      llm_vocab_size=a.vocab_size,
+                      llm_activation_bytes_per_token=language_activation_bytes(a),
+                      encoder_activation_bytes_per_image=vision_activation_bytes(
+                          a, vit_trains=not cfg.freeze_vit))
 
 
 def language_params(a: Architecture) -> int:
@@ -312,6 +319,43 @@ def language_params(a: Architecture) -> int:
     }
     # untied embedding and output layer, final norm
     return 2 * v * h + h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
+
+
+def language_activation_bytes(a: Architecture) -> float:
+    """Bytes per token the layers keep for backward at 16-bit (memory.py): inputs of the fused
+    norms and their outputs, each linear layer's input, what the fused kernels save (attention's
+    output and fp32 log-sum-exp, the SSM scan's inputs); routed experts see each token top-k
+    times, and the router reads an fp32 copy of its input."""
+    h, d_inner = a.hidden_size, a.mamba_num_heads * a.mamba_head_dim
+    xbc = d_inner + 2 * a.mamba_num_groups * a.mamba_state_dim
+    in_proj = d_inner + xbc + a.mamba_num_heads
+    per_layer = {
+        # norm in/out, in_proj out, conv in/out, the scan's output, the gated norm's, out_proj's in
+        "M": 2 * (2 * h + in_proj + 2 * xbc + 3 * d_inner),
+        # norm in/out, QKV out, attention out (= the projection's input), log-sum-exp
+        "*": 2 * (2 * h + (a.num_attention_heads + 2 * a.num_query_groups) * a.kv_channels
+                  + a.num_attention_heads * a.kv_channels) + 4 * a.num_attention_heads,
+        # norm in/out, fp32 router input and scores, permuted tokens, FC1 out, activation out and
+        # the unpermuted output per routed copy, the shared expert's FC1 and activation outputs
+        "E": 2 * 2 * h + 4 * h + 3 * 4 * a.num_experts
+        + 2 * a.moe_router_topk * (2 * h + 2 * a.moe_ffn_hidden_size)
+        + 2 * 2 * a.moe_shared_expert_intermediate_size,
+        "-": 2 * (2 * h + 2 * a.ffn_hidden_size),
+    }
+    # the embedding's output and the final norm's
+    return 2 * 2 * h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
+
+
+def vision_activation_bytes(a: Architecture, *, vit_trains: bool) -> float:
+    """Bytes per image kept for backward at 16-bit: the ViT's (only when it trains: a frozen ViT
+    under a trainable projector keeps nothing) and the projector's, on its 2x2-shuffled tokens."""
+    c, f = a.vision_hidden_size, a.vision_ffn_hidden_size
+    n = (a.img_h // a.patch_dim) * (a.img_w // a.patch_dim) + a.class_token_len
+    # per ViT token: norm in/out twice, QKV out, attention out, FC1 out, GELU out
+    vit = n * a.vision_num_layers * (2 * (6 * c + 2 * f) + 4 * a.vision_num_attention_heads)
+    # per shuffled token: RMSNorm in/out, FC1 out, activation out, the output
+    projector = (n // 4) * 2 * (2 * 4 * c + 2 * a.vision_projection_ffn_hidden_size + a.hidden_size)
+    return (vit if vit_trains else 0) + projector
 
 
 def vision_params(a: Architecture, projection_type: str) -> Tuple[int, int]:
@@ -457,7 +501,8 @@ def encoder_spec(cfg: NemotronVLMConfig, *, pg_collection, tp: int, dtype: torch
         normalization="LayerNorm", layernorm_epsilon=1e-6, bias_activation_fusion=False,
         bias_dropout_fusion=False, attention_softmax_in_fp32=True)
     projector_config = common.transformer_config(
-        tp=tp, pp=1, dtype=dtype, num_layers=1, hidden_size=a.hidden_size,
+        tp=tp, pp=1, dtype=dtype, kernel_fields=None if kernels is None else kernels.init_fields(),
+        num_layers=1, hidden_size=a.hidden_size,
         ffn_hidden_size=a.vision_projection_ffn_hidden_size, num_attention_heads=tp,  # no attention; must divide by TP
         add_bias_linear=False, activation_func=squared_relu, gated_linear_unit=False)
     column, row = specs.projector_linears(cfg.transformer_impl)

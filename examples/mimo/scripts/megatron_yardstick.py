@@ -6,6 +6,9 @@ mock GPT data. The yardstick for our LLM-only ms/iteration on the same GPU:
 
 prints the mean ms/iteration of iterations warmup+1 .. warmup+measure (Megatron's line at
 --log-interval 1; its first interval also holds start-up), the statistic of our interval rows.
+With ``--startup ROUNDS`` it times instead, from launch to the end of the first iteration (its
+log line), our train_hetero and megatron.training on the same flags, alternating ROUNDS times,
+and prints each run, the means and their ratio.
 Needs Python 3.12 (megatron.training), transformer-engine (its only hybrid specs), one GPU. Differences that remain: Megatron's mixer is the stock
 MambaMixer (ours subclasses it for packed samples only: unpacked batches take the same path);
 its data are MockGPTDataset tokens, ours the mock provider's.
@@ -16,12 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 from typing import List, Optional
 
 ENTRY = "--megatron-entry"
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
+FIRST_ITERATION = re.compile(r"iteration\s+1/\s*\d+ \|")  # both loops' first interval line
+LAYOUT = ["--llm-only", "--llm-dp", "1"]
 
 
 def megatron_flags(cfg, *, train_iters: int) -> List[str]:
@@ -74,7 +81,8 @@ def megatron_flags(cfg, *, train_iters: int) -> List[str]:
         "--eval-iters", 0, "--eval-interval", 10 ** 6, "--log-interval", 1,
         "--timing-log-level", 0,  # levels 1-2 synchronise around every timed span
     ]
-    switches = {"--bf16": t.bf16, "--calculate-per-token-loss": t.calculate_per_token_loss,
+    switches = {"--bf16": t.bf16, "--use-cpu-initialization": t.use_cpu_initialization,
+                "--calculate-per-token-loss": t.calculate_per_token_loss,
                 "--moe-router-enable-expert-bias": t.moe_router_enable_expert_bias,
                 "--moe-grouped-gemm": t.moe_grouped_gemm,
                 "--disable-mamba-mem-eff-path": not t.use_mamba_mem_eff_path,
@@ -187,8 +195,7 @@ def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
     from examples.mimo.training.hetero.config import parse_config
 
     end = warmup + measure
-    cfg = parse_config(["--llm-only", "--llm-dp", "1", *train_hetero_flags, "--train-iters",
-                        str(end)], world_size=1)
+    cfg = parse_config([*LAYOUT, *train_hetero_flags, "--train-iters", str(end)], world_size=1)
     if cfg.model.transformer_impl != "transformer_engine":
         # training/models/hybrid.py builds hybrid_stack_spec (TE modules) whatever the impl
         raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
@@ -199,14 +206,61 @@ def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
         flags += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(end),
                   "--profile-step-end", str(end + profiled), "--profile-ranks", "0",
                   "--tensorboard-dir", os.path.join(profile_dir, "tensorboard")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           os.path.abspath(__file__), ENTRY, *flags]
     with open(log, "w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True).returncode
+        code = subprocess.run(megatron_command(flags), stdout=out, stderr=subprocess.STDOUT,
+                              text=True).returncode
     text = open(log, errors="replace").read()
     if code:
         raise RuntimeError(f"megatron.training failed (exit {code}): {failure_line(text)}")
     return mean_ms(text, warmup + 1, end)
+
+
+def megatron_command(flags: List[str]) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+            os.path.abspath(__file__), ENTRY, *flags]
+
+
+def seconds_to_first_iteration(cmd: List[str], log: str, name: str) -> float:
+    """Wall seconds from starting ``cmd`` to its first iteration's log line (the process then
+    runs to its end, which is not timed)."""
+    start, seen = time.perf_counter(), None
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        for line in proc.stdout:
+            if seen is None and FIRST_ITERATION.search(line):
+                seen = time.perf_counter() - start
+            out.write(line)
+        code = proc.wait()
+    if code or seen is None:
+        text = open(log, errors="replace").read()
+        raise RuntimeError(f"{name} {'failed (exit %d)' % code if code else 'logged no first iteration'}"
+                           f": {failure_line(text)}")
+    return seen
+
+
+def startup_rounds(train_hetero_flags: List[str], *, rounds: int, logs: str) -> dict:
+    """Launch to the end of the first iteration, ours and megatron.training's, alternating."""
+    from examples.mimo.training.hetero.config import parse_config
+
+    flags = [*LAYOUT, *train_hetero_flags, "--train-iters", "1", "--log-interval", "1"]
+    cfg = parse_config(flags, world_size=1)
+    if cfg.model.transformer_impl != "transformer_engine":
+        raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
+                         f"transformer_engine, megatron.training's only hybrid spec")
+    ours = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+            "-m", "examples.mimo.train_hetero", *flags]
+    theirs = megatron_command(megatron_flags(cfg, train_iters=1))
+    os.makedirs(logs, exist_ok=True)
+    times = {"ours": [], "megatron": []}
+    for r in range(rounds):
+        for name, cmd in (("ours", ours), ("megatron", theirs)):
+            times[name].append(seconds_to_first_iteration(
+                cmd, os.path.join(logs, f"startup-{name}-{r}.log"), name))
+            print(f"round {r + 1}: {name} {times[name][-1]:.1f} s to the end of iteration 1",
+                  flush=True)
+    means = {k: statistics.mean(v) for k, v in times.items()}
+    return {"times": times, "means": means, "ratio": means["ours"] / means["megatron"]}
 
 
 def main(argv) -> int:
@@ -214,8 +268,18 @@ def main(argv) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--measure", type=int, default=8)
     p.add_argument("--log", default="megatron_yardstick.log")
+    p.add_argument("--startup", type=int, default=0, metavar="ROUNDS",
+                   help="time launch to the end of the first iteration, ours and megatron's, "
+                        "alternating ROUNDS times (logs beside --log)")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train_hetero flags")
     a = p.parse_args(argv)
+    if a.startup:
+        out = startup_rounds([f for f in a.flags if f != "--"], rounds=a.startup,
+                             logs=os.path.dirname(os.path.abspath(a.log)))
+        print(f"launch to the end of iteration 1, mean of {a.startup}: ours "
+              f"{out['means']['ours']:.1f} s, megatron.training {out['means']['megatron']:.1f} s, "
+              f"ours/megatron {out['ratio']:.2f}")
+        return 0
     ms = run([f for f in a.flags if f != "--"], warmup=a.warmup, measure=a.measure, log=a.log)
     print(f"megatron.training: {ms:.1f} ms/iteration (mean of iterations {a.warmup + 1}-"
           f"{a.warmup + a.measure}); log: {a.log}")

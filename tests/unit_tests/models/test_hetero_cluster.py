@@ -49,7 +49,8 @@ def test_each_shape_is_accepted_by_the_trainer_on_its_scripts_nodes(shape, tmp_p
                 layout, facts=provider.facts(model), seq_length=cfg.batch.seq_length,
                 flops_per_sample=planner._per_sample_flops(provider, model, cfg.batch.seq_length, 1.0),
                 images_per_sample=1.0, global_batch=cfg.batch.global_batch_size,
-                machine=planner.Machine(gpus_per_node=8, encoder_tflops=100, llm_tflops=100))
+                machine=planner.Machine(gpus_per_node=8, encoder_tflops=100, llm_tflops=100),
+                memory_gib=planner.memory_of(cfg, provider.facts(model)))
             assert est.memory_gib < 80, est
 
 
@@ -116,7 +117,7 @@ def _ranked(flops, world, gpus_per_node, global_batch):
                               **FREE_NETWORK)
     return planner.rank([planner.estimate(c, facts=FACTS, flops_per_sample=flops, seq_length=64,
                                           images_per_sample=1.0, global_batch=global_batch,
-                                          machine=machine)
+                                          machine=machine, memory_gib=0.0)
                          for c in planner.candidates(world, gpus_per_node, FACTS, global_batch)],
                         memory_gib=None)
 

@@ -3,6 +3,7 @@ in-process, the profiler's counts on a loop of known syncs, and one profiled glo
 side of both is in test_hetero_gpu_te.py."""
 
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -72,6 +73,22 @@ def test_fp8_goes_to_the_branches_that_ask_and_other_fields_to_all():
 
     # every field is one megatron-core's TransformerConfig has
     assert set(llm) <= set(TransformerConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("cpu_init", [False, True])
+def test_where_weights_are_drawn_reaches_every_config_the_projectors_too(cpu_init, monkeypatch):
+    """Megatron's default (GPU initialisation) unless --use-cpu-initialization; tools that build
+    without the trainer's options (kernels None) draw on the CPU."""
+    from examples.mimo.model_providers import common
+    from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
+
+    c, built, make = cfg(*(["--use-cpu-initialization"] if cpu_init else [])), [], common.transformer_config
+    monkeypatch.setattr(common, "transformer_config", lambda **kw: built.append(make(**kw)) or built[-1])
+    nemotron.language_config(c.model, tp=1, pp=1, ep=1, expt_tp=1, dtype=torch.float32,
+                             kernels=c.kernels)
+    nemotron.encoder_spec(c.model, pg_collection=None, tp=1, dtype=torch.float32, kernels=c.kernels)
+    nemotron.encoder_spec(c.model, pg_collection=None, tp=1, dtype=torch.float32)
+    assert [t.use_cpu_initialization for t in built] == [cpu_init] * 3 + [True] * 2
 
 
 @pytest.mark.parametrize("fused_relu,moe_activation,expert_tp,message", [
@@ -190,6 +207,22 @@ def test_megatron_yardstick_reads_the_mean_of_the_measured_iterations():
     assert mean_ms(log, 3, 6) == pytest.approx(216.5)
     with pytest.raises(ValueError, match="needed 3-7"):
         mean_ms(log, 3, 7)
+
+
+def test_startup_is_timed_to_the_first_iteration_line_not_the_exit(tmp_path):
+    from examples.mimo.scripts.megatron_yardstick import seconds_to_first_iteration
+
+    def cmd(*lines_and_pauses):
+        body = "; ".join(f"time.sleep({x})" if isinstance(x, float) else f"print({x!r}, flush=True)"
+                         for x in lines_and_pauses)
+        return [sys.executable, "-c", f"import time; {body}"]
+
+    line = " [2026-12-05 10:00:00] iteration        1/       1 | consumed samples: 8 |"
+    took = seconds_to_first_iteration(cmd("building", 0.4, line, 1.5), str(tmp_path / "a"), "ours")
+    assert 0.4 <= took < 1.5
+    assert line in (tmp_path / "a").read_text()
+    with pytest.raises(RuntimeError, match="megatron logged no first iteration"):
+        seconds_to_first_iteration(cmd("no iteration"), str(tmp_path / "b"), "megatron")
 
 
 def test_megatron_yardstick_refuses_local_specs_before_launching(tmp_path):

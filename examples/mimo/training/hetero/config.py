@@ -175,8 +175,11 @@ class RuntimeConfig:
              "(notices.py). Warnings from this package's code are always shown.")
     dry_run: bool = option("--dry-run", QUIET, action="store_true",
                            help="Validate, print the resolved layout (grids, lanes, micro-batches, "
-                                "parameters per branch) and exit; WORLD_SIZE gives the world "
-                                "size.")
+                                "parameters per branch) and the memory estimate, and exit; "
+                                "WORLD_SIZE gives the world size.")
+    skip_memory_check: bool = option(
+        "--skip-memory-check", QUIET, action="store_true",
+        help="Start even when the estimated peak memory per GPU (memory.py) exceeds the GPU's.")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from examples.mimo.flags import FREE, arg, derived, option, read
+from examples.mimo.flags import FREE, QUIET, arg, derived, option, read
 from examples.mimo.model_providers import specs
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -39,6 +39,12 @@ GROUP = "kernels, precision and activation memory"
 
 @dataclass(frozen=True)
 class KernelConfig:
+    use_cpu_initialization: bool = option(
+        "--use-cpu-initialization", QUIET, action="store_true",
+        help="Draw the initial weights whole on the CPU and split them (as on CPU runs, always): "
+             "the same initial model in every layout, for a given --seed, at about a minute "
+             "for nemotron-20l. By default a GPU run draws each rank's shard on its GPU "
+             "(Megatron's default): seconds, but the initial weights depend on the layout.")
     # None: bf16 (or fp32) everywhere
     fp8_format: Optional[str] = option(
         "--fp8-format", FREE, choices=FP8_FORMATS, default=None,
@@ -129,10 +135,14 @@ class KernelConfig:
                 return flag
         return None
 
+    def init_fields(self) -> dict:
+        """What every TransformerConfig of the model takes, its projector's too."""
+        return dict(use_cpu_initialization=self.use_cpu_initialization)
+
     def transformer_fields(self, *, fp8: bool, graphs: bool = False) -> dict:
         """TransformerConfig fields of one branch; ``fp8`` and ``graphs`` say whether this branch
         takes FP8 and CUDA graphs (the language model only: graphs.py)."""
-        out = dict(recompute_granularity=self.recompute_granularity,
+        out = dict(**self.init_fields(), recompute_granularity=self.recompute_granularity,
                    recompute_method=self.recompute_method,
                    recompute_num_layers=self.recompute_num_layers,
                    recompute_modules=list(self.recompute_modules),

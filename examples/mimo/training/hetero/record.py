@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 from examples.mimo.training.hetero.errors import CheckpointError
 
-SCHEMA = 6
+SCHEMA = 7
 KEY = "checkpoint_version"  # the name schema 2 used for its version; kept so every schema reads it
 
 
@@ -54,16 +54,19 @@ def _from_3(common: dict) -> dict:
     return {**common, KEY: 4, "config": config}
 
 
-def _field_added(field: str, value) -> Callable[[dict], dict]:
-    """The migration of a schema that only added a config field (dotted name) with ``value``,
-    what the older code did without it."""
+def _field_added(field: str, value, **more) -> Callable[[dict], dict]:
+    """The migration of a schema that only added config fields (dotted names) with values, what
+    the older code did without them (``more``: further fields, dots as ``__``)."""
+    added = {field: value, **{k.replace("__", "."): v for k, v in more.items()}}
+
     def migrate(common: dict) -> dict:
         config = copy.deepcopy(common["config"])
-        *parents, name = field.split(".")
-        node = config
-        for key in parents:
-            node = node[key]
-        node[name] = value
+        for dotted, v in added.items():
+            *parents, name = dotted.split(".")
+            node = config
+            for key in parents:
+                node = node[key]
+            node[name] = v
         return {**common, KEY: common[KEY] + 1, "config": config}
 
     return migrate
@@ -73,6 +76,9 @@ MIGRATIONS: Dict[int, Callable[[dict], dict]] = {
     2: _from_2, 3: _from_3,
     4: _field_added("runtime.verbose_warnings", False),  # schema 5: --verbose-warnings
     5: _field_added("runtime.kernel_cache_dir", None),  # schema 6: --kernel-cache-dir
+    # schema 7: --use-cpu-initialization (until then every run drew its weights on the CPU) and
+    # --skip-memory-check (nothing was checked)
+    6: _field_added("kernels.use_cpu_initialization", True, runtime__skip_memory_check=True),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Dict, Optional
 
@@ -73,8 +73,11 @@ def build_runtime(cfg: TrainConfig, *, startup: Optional[StartupClock] = None) -
     own = topology.module_pgc(topology.module_name)
     seed_all(cfg.runtime.seed, device=kind, tp_rank=own.tp.rank(), ep_rank=own.ep.rank(),
              etp_rank=own.expt_tp.rank(), graph_safe=cfg.kernels.cuda_graph_impl != "none")
+    # megatron-core's GPU initialisation draws from the CUDA RNG tracker: a CPU run draws on the CPU.
+    kernel_choices = cfg.kernels if kind == "cuda" else \
+        replace(cfg.kernels, use_cpu_initialization=True)
     model = provider.build(cfg.model, topology=topology, dtype=dtype, seq_length=cfg.batch.seq_length,
-                           device=device, kernels=cfg.kernels)
+                           device=device, kernels=kernel_choices)
     # Some local-spec modules (torch LayerNorm) ignore params_dtype; cast whole branches, as
     # Megatron's Float16Module does.
     model.to(device=device, dtype=dtype)

@@ -51,6 +51,8 @@ def main(argv):
     model = hybrid_config_from_args(parse_and_validate_args())
     theirs = model.transformer
     out = {f: [str(getattr(ours, f)), str(getattr(theirs, f))] for f in FIELDS}
+    # megatron.training leaves the flag's default, None, which means False
+    out["use_cpu_initialization"] = [ours.use_cpu_initialization, bool(theirs.use_cpu_initialization)]
     out["activation_func"] = [ours.activation_func.__name__, theirs.activation_func.__name__]
     out["vocab_size"] = [cfg.model.arch.vocab_size, model.vocab_size]
     out["hybrid_layer_pattern"] = [cfg.model.arch.hybrid_layer_pattern, model.hybrid_layer_pattern]
