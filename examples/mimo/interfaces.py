@@ -55,6 +55,9 @@ class ModelFacts:
     # TP, 16-bit activations, no recompute: what the provider's layers save for their backward.
     llm_activation_bytes_per_token: float = 0.0
     encoder_activation_bytes_per_image: float = 0.0
+    # attention layers x heads whose [s, s] scores backward keeps at 16-bit (megatron-core's
+    # unfused local attention; 0 where TE's fused kernels keep none)
+    llm_attention_score_heads: int = 0
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,49 @@ def _seeded_anew(spec, seed: int):
 
     SeededAnew.__name__, SeededAnew.__qualname__ = base.__name__, base.__qualname__
     return ModuleSpec(module=SeededAnew, params=spec.params, submodules=spec.submodules)
+
+
+def layerwise_sharded_state_dict(module: torch.nn.Module, prefix: str, sharded_offsets, metadata,
+                                 *, tp_group) -> dict:
+    """The sharded state dict of a plain torch module around megatron-core layers (RADIO's and
+    the mock ViT's wrappers): megatron-core would save such a module as if it were replicated, so
+    TP ranks claimed the same rows (and local layers' extra state clashed at the save). Here every
+    megatron-core module gives its own TP-sharded entries, under the per-layer names
+    (``decoder.layers.<i>.``) that the replicated form used, rather than a TransformerBlock's
+    stacked ones: checkpoints written before keep loading, and the HF mappings keep their names.
+    Parameters outside megatron-core's modules stay replicated over ``tp_group``."""
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+    )
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+
+    def own(m: torch.nn.Module, at: str) -> dict:
+        state: dict = {}
+        m._save_to_state_dict(state, "", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, at, {}, sharded_offsets, tp_group=tp_group,
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
+    out = own(module, prefix)
+    for name, child in module.named_children():
+        at = f"{prefix}{name}."
+        if isinstance(child, TransformerBlock):
+            out.update(own(child, at))
+            for n, c in child.named_children():
+                if n == "layers":
+                    for i, layer in enumerate(c):
+                        out.update(layer.sharded_state_dict(f"{at}layers.{i}.", sharded_offsets,
+                                                            metadata))
+                else:
+                    out.update(layerwise_sharded_state_dict(c, f"{at}{n}.", sharded_offsets,
+                                                            metadata, tp_group=tp_group))
+        elif isinstance(child, MegatronModule) and not any(
+                isinstance(m, TransformerBlock) for m in child.modules()):
+            out.update(child.sharded_state_dict(at, sharded_offsets, metadata))
+        else:
+            out.update(layerwise_sharded_state_dict(child, at, sharded_offsets, metadata,
+                                                    tp_group=tp_group))
+    return out

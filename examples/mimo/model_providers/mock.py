@@ -94,11 +94,12 @@ def facts(cfg: MockModelConfig) -> ModelFacts:
                       encoder_trainable_params=(0 if cfg.freeze_vit else vit)
                       + (0 if cfg.freeze_projection else projector),
                       llm_vocab_size=v,
-                      # 34 bytes per token and hidden unit per layer (Korthikanti et al., 2022,
-                      # without the attention scores these small sequences make negligible)
+                      # 34 bytes per token and hidden unit per layer (Korthikanti et al., 2022),
+                      # and local attention's scores
                       llm_activation_bytes_per_token=34 * h * cfg.num_layers,
-                      encoder_activation_bytes_per_image=34 * c * cfg.encoder_num_layers
-                      * cfg.image_tokens)
+                      llm_attention_score_heads=cfg.num_layers * cfg.num_attention_heads,
+                      encoder_activation_bytes_per_image=cfg.encoder_num_layers * cfg.image_tokens
+                      * (34 * c + 2 * cfg.encoder_num_attention_heads * cfg.image_tokens))
 
 
 def flops(cfg: MockModelConfig, work: StepWork) -> StepFlops:
@@ -145,6 +146,7 @@ class MockViT(torch.nn.Module):
 
         super().__init__()
         self.config = config
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
         num_patches = (img_h // patch_dim) * (img_w // patch_dim)
         self.patch_embed = torch.nn.Conv2d(3, config.hidden_size, patch_dim, stride=patch_dim,
                                            bias=False, dtype=config.params_dtype)
@@ -153,6 +155,10 @@ class MockViT(torch.nn.Module):
         self.decoder = TransformerBlock(config, spec=get_vit_layer_with_local_spec(),
                                         pre_process=True, post_process=True,
                                         pg_collection=pg_collection)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        return common.layerwise_sharded_state_dict(self, prefix, sharded_offsets, metadata,
+                                                   tp_group=self.tp_group)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).permute(2, 0, 1)  # [patches, b, h]

@@ -271,6 +271,7 @@ def validate_architecture(a: Architecture) -> None:
 
 def facts(cfg: NemotronVLMConfig) -> ModelFacts:
     a = cfg.arch
+    te = cfg.transformer_impl == "transformer_engine"
     moe_layers = a.hybrid_layer_pattern.count("E")
     vit, projection = vision_params(a, cfg.vision_projection_type)
     return ModelFacts(llm_num_layers=len(a.hybrid_layer_pattern),
@@ -296,7 +297,9 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       llm_vocab_size=a.vocab_size,
                       llm_activation_bytes_per_token=language_activation_bytes(a),
                       encoder_activation_bytes_per_image=vision_activation_bytes(
-                          a, vit_trains=not cfg.freeze_vit))
+                          a, vit_trains=not cfg.freeze_vit, fused=te),
+                      llm_attention_score_heads=0 if te else a.hybrid_layer_pattern.count("*")
+                      * a.num_attention_heads)
 
 
 def language_params(a: Architecture) -> int:
@@ -346,13 +349,15 @@ def language_activation_bytes(a: Architecture) -> float:
     return 2 * 2 * h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
 
 
-def vision_activation_bytes(a: Architecture, *, vit_trains: bool) -> float:
+def vision_activation_bytes(a: Architecture, *, vit_trains: bool, fused: bool) -> float:
     """Bytes per image kept for backward at 16-bit: the ViT's (only when it trains: a frozen ViT
-    under a trainable projector keeps nothing) and the projector's, on its 2x2-shuffled tokens."""
+    under a trainable projector keeps nothing) and the projector's, on its 2x2-shuffled tokens.
+    ``fused``: TE's attention, which keeps no [n, n] scores."""
     c, f = a.vision_hidden_size, a.vision_ffn_hidden_size
     n = (a.img_h // a.patch_dim) * (a.img_w // a.patch_dim) + a.class_token_len
-    # per ViT token: norm in/out twice, QKV out, attention out, FC1 out, GELU out
-    vit = n * a.vision_num_layers * (2 * (6 * c + 2 * f) + 4 * a.vision_num_attention_heads)
+    # per ViT token: norm in/out twice, QKV out, attention out, FC1 out, GELU out; a row of scores
+    scores = 0 if fused else 2 * a.vision_num_attention_heads * n
+    vit = n * a.vision_num_layers * (2 * (6 * c + 2 * f) + 4 * a.vision_num_attention_heads + scores)
     # per shuffled token: RMSNorm in/out, FC1 out, activation out, the output
     projector = (n // 4) * 2 * (2 * 4 * c + 2 * a.vision_projection_ffn_hidden_size + a.hidden_size)
     return (vit if vit_trains else 0) + projector

@@ -64,11 +64,18 @@ class RadioEncoder(torch.nn.Module):
         self.patch_dim = patch_dim
         self.class_token_len = class_token_len
         self.dynamic_resolution = dynamic_resolution
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
         self.vit = RADIOViTModel(
             config, layer_spec, ln_post_impl=None, add_class_token=True, force_cpe_eval_mode=True,
             class_token_len=class_token_len, patch_dim=patch_dim, img_h=img_h, img_w=img_w,
             max_img_h=max_img_size, max_img_w=max_img_size, dynamic_resolution=dynamic_resolution,
             pg_collection=pg_collection)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        from examples.mimo.model_providers.common import layerwise_sharded_state_dict
+
+        return layerwise_sharded_state_dict(self, prefix, sharded_offsets, metadata,
+                                            tp_group=self.tp_group)
 
     def forward(self, images: Optional[torch.Tensor] = None,
                 packed_patches: Optional[torch.Tensor] = None,

@@ -64,6 +64,18 @@ def test_reshard_dp2_to_dp1(straight, tmp_path):
         assert y["learning_rate"] == x["learning_rate"]
 
 
+def test_encoder_tp2_weights_reshard_to_tp1(straight, tmp_path):
+    """Saved by encoder TP2 (the ViT's rows split over two ranks), loaded by TP1 without the
+    optimizer: the fourth loss, computed before any update, is the straight TP1 run's. Found
+    broken: the mock ViT and RADIO, plain torch modules around megatron-core's layers, were saved
+    as if whole, both TP ranks claiming the same rows."""
+    ckpt = str(tmp_path / "ckpt")
+    train(3, tmp_path, SIX + ["--encoder-tp", "2", "--save", ckpt, "--exit-interval", "3"], "a")
+    resumed = train(2, tmp_path, SIX + ["--load", ckpt, "--no-load-optim"], "b")
+    assert resumed[0]["iteration"] == 4
+    assert resumed[0]["lm_loss"] == pytest.approx(straight[0][3]["lm_loss"], rel=1e-5)
+
+
 def test_projector_only_checkpoint(tmp_path):
     args = BASE + ["--train-iters", "4", "--freeze-lm", "--freeze-vit"]
     straight = train(2, tmp_path, args, "straight")

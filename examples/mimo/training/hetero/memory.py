@@ -68,7 +68,9 @@ def language(cfg, facts) -> BranchMemory:
     tokens = cfg.batch.micro_batch_size * cfg.batch.seq_length
     scale = b / 2  # the facts are at 16-bit
     layers = facts.llm_num_layers / g.llm_pp
-    per_layer = facts.llm_activation_bytes_per_token / facts.llm_num_layers * scale * tokens / g.llm_tp
+    per_token = facts.llm_activation_bytes_per_token \
+        + 2 * facts.llm_attention_score_heads * cfg.batch.seq_length  # a row of [s, s] scores
+    per_layer = per_token / facts.llm_num_layers * scale * tokens / g.llm_tp
     inputs = 2 * facts.llm_hidden_size * scale * tokens / g.llm_tp  # a recomputed layer's input
     stage = per_layer * _kept_layers(layers, k) + inputs * (layers - _kept_layers(layers, k))
     # 1F1B: the first LLM stage holds up to --llm-pp micro-batches, the last one plus the logits
