@@ -133,3 +133,52 @@ def _conv1d_within_segments(x: torch.Tensor, weight: torch.Tensor, bias, seq_idx
         out = out + F.pad(x, (back, 0))[..., :length] * same[:, None, :] \
             * weight[None, :, 0, width - 1 - back, None]
     return out if bias is None else out + bias[None, :, None]
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def clip_vit_model():
+    """``CLIPViTModel`` (models/vision/clip_vit_model.py) keeps no ``tp_group``, so
+    ``MegatronModule.sharded_state_dict`` falls back to parallel_state's TP group, which the
+    hetero grids never initialise: saving the tower or importing weights into it fails with
+    "tensor model parallel group is not initialized". This subclass keeps its process groups' TP
+    group, as ``RADIOViTModel`` does."""
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+
+    class GroupedCLIPViTModel(CLIPViTModel):
+        def __init__(self, *args, pg_collection=None, **kwargs):
+            super().__init__(*args, pg_collection=pg_collection, **kwargs)
+            if pg_collection is not None:
+                _mark("clip_vit_model")
+                self.tp_group = pg_collection.tp
+
+    return GroupedCLIPViTModel
+
+
+@functools.lru_cache(maxsize=None)  # one class per process: specs compare module types
+def tied_gpt_model():
+    """``LanguageModule.tie_embeddings_and_output_weights_state_dict`` (models/common/
+    language_module/language_module.py) numbers the last pipeline stage's copy of tied embeddings
+    by ``parallel_state.get_data_parallel_rank``, not by the ``dp_cp_group`` its metadata carries:
+    with tied embeddings and --llm-pp > 1 every sharded state dict of the language model (a save,
+    the Hugging Face import) fails on the hetero grids with "data parallel group with CP ... is
+    not initialized". This subclass answers that call with the metadata's group."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    class TiedGPTModel(GPTModel):
+        def tie_embeddings_and_output_weights_state_dict(self, sharded_state_dict, output_key,
+                                                         embedding_key, metadata=None):
+            group = (metadata or {}).get("dp_cp_group")
+            if group is None or self.pre_process or not self.post_process:
+                return super().tie_embeddings_and_output_weights_state_dict(
+                    sharded_state_dict, output_key, embedding_key, metadata or {})
+            _mark("tied_gpt_model")
+            real = parallel_state.get_data_parallel_rank
+            parallel_state.get_data_parallel_rank = lambda *args, **kwargs: group.rank()
+            try:
+                return super().tie_embeddings_and_output_weights_state_dict(
+                    sharded_state_dict, output_key, embedding_key, metadata)
+            finally:
+                parallel_state.get_data_parallel_rank = real
+
+    return TiedGPTModel

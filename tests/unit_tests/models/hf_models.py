@@ -130,3 +130,61 @@ def llm_loss(model, samples) -> float:
         total += float((loss * s["loss_mask"].to(device)).sum())
         count += float(s["loss_mask"].sum())
     return total / count
+
+
+# ---- LLaVA (the llava provider): a language model of 4 heads in 2 K/V groups, even layer and
+# vocabulary counts (TP2, PP2), a 3-layer tower on 32x32 images of 8x8 patches ------------------
+
+LLAVA_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256)
+LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, image_size=32, patch_size=8)
+LLAVA_IMAGE_TOKEN = 255
+
+
+def llava(path, *, text: dict, vision: dict, seed: int = 0, **top) -> str:
+    """A LlavaForConditionalGeneration; ``text``/``vision``: model_type and fields over the
+    shapes above; ``top``: llava config fields."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(text_config={**LLAVA_TEXT, **text}, vision_config={**LLAVA_VISION, **vision},
+                      image_token_index=LLAVA_IMAGE_TOKEN, **top)
+    model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    spice(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def causal_lm(path, *, seed: int = 0, **text) -> str:
+    """A language model alone (model_type in ``text``), e.g. Qwen2ForCausalLM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**LLAVA_TEXT, **text}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spice(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@torch.no_grad()
+def llava_logits(model, samples) -> list:
+    """transformers' logits [s, vocab] of each sample (input_ids [s], image [3, H, W] or None)."""
+    return [model(input_ids=s["input_ids"][None],
+                  **({} if s.get("image") is None else {"pixel_values": s["image"][None]})
+                  ).logits[0] for s in samples]
+
+
+@torch.no_grad()
+def llava_loss(model, samples) -> float:
+    """transformers' loss of ``samples`` (mock data: input_ids, labels, loss_mask, image),
+    averaged over their loss tokens as the trainer averages a global batch."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0.0
+    for s, logits in zip(samples, llava_logits(model, samples)):
+        loss = F.cross_entropy(logits.float(), s["labels"], reduction="none")
+        total += float((loss * s["loss_mask"]).sum())
+        count += float(s["loss_mask"].sum())
+    return total / count

@@ -12,7 +12,7 @@ import pytest
 from examples.mimo import flags
 from examples.mimo.data import DATA_PROVIDERS, energon, hf
 from examples.mimo.data import mock as mock_data
-from examples.mimo.model_providers import MODEL_PROVIDERS
+from examples.mimo.model_providers import MODEL_PROVIDERS, llava
 from examples.mimo.model_providers import mock as mock_model
 from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
 from examples.mimo.training.hetero import ckpt_policy as policy
@@ -324,9 +324,11 @@ def test_a_field_missing_from_an_old_record_is_named_not_a_key_error():
 # ---- flag declarations -------------------------------------------------------------------------
 
 CONTAINERS = {"TrainConfig." + f.name for f in dataclasses.fields(TrainConfig)
-              if f.name not in ("model_provider", "data_provider")} | {"NemotronVLMConfig.arch"}
+              if f.name not in ("model_provider", "data_provider")} | {"NemotronVLMConfig.arch",
+                                                                      "LlavaConfig.arch"}
 CONFIG_CLASSES = [cls for cls, _ in GROUPS] + [
     TrainConfig, mock_model.MockModelConfig, nemotron.NemotronVLMConfig, nemotron.Architecture,
+    llava.LlavaConfig, llava.LlavaArchitecture,
     mock_data.MockDataConfig, energon.EnergonDataConfig, hf.HFDataConfig]
 
 
@@ -335,8 +337,9 @@ def test_every_field_has_a_resume_class():
                if f.metadata.get("resume") not in flags.RESUME_CLASSES
                and f"{cls.__name__}.{f.name}" not in CONTAINERS]
     assert missing == []
-    cfg = config("--model-provider", "nemotron_moe_vlm")
-    assert None not in {kind for kind, _ in flags.resume_classes(cfg).values()}
+    for provider in ("nemotron_moe_vlm", "llava"):
+        cfg = config("--model-provider", provider)
+        assert None not in {kind for kind, _ in flags.resume_classes(cfg).values()}
 
 
 @pytest.mark.parametrize("model", sorted(MODEL_PROVIDERS))
@@ -345,7 +348,8 @@ def test_every_flag_is_declared_once_on_a_field(model, data):
     """Each option the trainer's parser has comes from exactly one field declaration."""
     classes = [cls for cls, _ in GROUPS] + [TrainConfig]
     classes += {"mock": [mock_model.MockModelConfig],
-                "nemotron_moe_vlm": [nemotron.NemotronVLMConfig, nemotron.Architecture]}[model]
+                "nemotron_moe_vlm": [nemotron.NemotronVLMConfig, nemotron.Architecture],
+                "llava": [llava.LlavaConfig, llava.LlavaArchitecture]}[model]
     classes += {"mock": [mock_data.MockDataConfig], "energon": [energon.EnergonDataConfig],
                 "hf": [hf.HFDataConfig]}[data]
     declared = [fl for cls in classes for _, fl in flags.declarations(cls)]

@@ -22,6 +22,9 @@ fails without it (the training path it exists for):
     reduce_moe_metrics                 test_hetero_nemotron::test_tiny_cpu_preset_trains_in_the_hetero_loop
     local_hybrid_stack                 test_hetero_nemotron (every build of the local hybrid LLM)
     sequence_parallel_torch_norm       test_hetero_nemotron::test_sequence_parallel_tp2_matches_tp1
+    clip_vit_model                     test_hetero_llava (every import into the LLaVA vision tower)
+    tied_gpt_model                     test_hetero_llava::test_imported_logits_equal_transformers
+                                       (LLM PP2 x TP2, tied embeddings)
     import_mamba_triton_kernels        test_hetero_nemotron::test_built_model_layers_... (Mamba presets)
     packed_mamba_mixer                 test_hetero_gpu_packing (packed vs unpacked with Mamba layers)
     checkpoint_writer_server           test_hetero_slurm::test_requeue_resumes_and_sigterm_saves
@@ -51,7 +54,8 @@ PROBED = ["global_memory_buffer", "bridge_groups", "colocated_bridge_groups",
           "refuse_pickled_checkpoint_objects",
           "param_groups_within", "torch_adam_checkpoint_load", "match_saved_param_groups",
           "reduce_moe_metrics", "local_hybrid_stack", "checkpoint_writer_errors",
-          "checkpoint_writer_server", "sequence_parallel_torch_norm"]
+          "checkpoint_writer_server", "sequence_parallel_torch_norm", "clip_vit_model",
+          "tied_gpt_model"]
 
 
 @pytest.fixture(scope="module")

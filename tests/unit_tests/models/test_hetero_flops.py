@@ -19,7 +19,9 @@ def counted():
 
 
 @pytest.mark.parametrize("case", ["mock", "mock-frozen-vit", "nemotron-tiny-cpu",
-                                  "nemotron-projector-only", "nemotron-affine-gqa"])
+                                  "nemotron-projector-only", "nemotron-affine-gqa",
+                                  "llava-tiny-cpu", "llava-siglip-frozen-vit",
+                                  "llava-projector-only"])
 def test_formula_matches_torch_flop_counter(counted, case):
     """Frozen stages too (no weight gradients, input gradients only where one must pass). The one
     gap: with the LLM frozen, megatron's router still computes its weight gradient (0.2 %).

@@ -408,6 +408,54 @@ def main(out_path: str, work: str):
         return {"symptom": symptom, "fixed": type(norm) is torch.nn.RMSNorm
                 and all(p.sequence_parallel for p in norm.parameters())}
 
+    @probe("clip_vit_model")
+    def _():
+        from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+
+        from examples.mimo.model_providers import common, specs
+
+        pgc = rt.topology.module_pgc(rt.topology.module_name)
+        config = common.transformer_config(tp=1, pp=1, dtype=torch.float32, num_layers=1,
+                                           hidden_size=32, num_attention_heads=4)
+        args = (config, specs.vit_layer_spec("local"))
+        kwargs = dict(ln_pre_impl=specs.norm_class("local"), ln_post_impl=specs.norm_class("local"),
+                      patch_dim=8, img_h=16, img_w=16, pg_collection=pgc)
+        metadata = {"dp_cp_group": pgc.dp_cp}
+        try:
+            CLIPViTModel(*args, **kwargs).sharded_state_dict(metadata=metadata)
+            symptom = False
+        except AssertionError as err:
+            symptom = "tensor model parallel group is not initialized" in str(err)
+        tower = layers.clip_vit_model()(*args, **kwargs).sharded_state_dict(metadata=metadata)
+        return {"symptom": symptom,
+                "fixed": tower["decoder.layers.0.self_attention.linear_qkv.weight"].key
+                == "decoder.layers.self_attention.linear_qkv.weight"}
+
+    @probe("tied_gpt_model")
+    def _():
+        """A last pipeline stage that is not the first, its output layer tied to the embedding."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        from examples.mimo.model_providers import common
+
+        pgc = rt.topology.module_pgc(rt.topology.module_name)
+        config = common.transformer_config(tp=1, pp=1, dtype=torch.float32, num_layers=1,
+                                           hidden_size=16, num_attention_heads=2)
+        kwargs = dict(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+                      vocab_size=32, max_sequence_length=8, pre_process=False, post_process=True,
+                      share_embeddings_and_output_weights=True, pg_collection=pgc)
+        metadata = {"dp_cp_group": pgc.dp_cp}
+        try:
+            GPTModel(**kwargs).sharded_state_dict(metadata=metadata)
+            symptom = False
+        except AssertionError as err:
+            symptom = "data parallel group with CP" in str(err)
+        tied = layers.tied_gpt_model()(**kwargs).sharded_state_dict(metadata=metadata)
+        out = tied["output_layer.weight"]
+        return {"symptom": symptom, "fixed": out.key == "embedding.word_embeddings.weight"
+                and out.replica_id == (1, 0, 0)}
+
     @probe("packed_mamba_mixer")
     def _():
         """Only the canary runs here: the fix needs the Triton scan (test_hetero_gpu_packing)."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from examples.mimo.interfaces import StepWork
-from examples.mimo.model_providers import mock
+from examples.mimo.model_providers import llava, mock
 from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
 from examples.mimo.training.hetero import compat
 from examples.mimo.training.hetero.device import enable_cpu_emulation, seed_all
@@ -31,6 +31,11 @@ CASES = {
                                            "projector-only"]),
     "nemotron-affine-gqa": (nemotron, ["--model-preset", "tiny-cpu", "--vision-projection-type",
                                        "affine", "--hybrid-layer-pattern", "*-E*"]),
+    "llava-tiny-cpu": (llava, ["--model-preset", "tiny-cpu"]),
+    "llava-siglip-frozen-vit": (llava, ["--model-preset", "tiny-cpu", "--vision-model-type",
+                                        "siglip", "--vision-feature-select-strategy", "full",
+                                        "--qk-layernorm", "--freeze-vit"]),
+    "llava-projector-only": (llava, ["--model-preset", "tiny-cpu", "--freeze-vit", "--freeze-lm"]),
 }
 
 
