@@ -54,6 +54,7 @@ class ModelFacts:
     # What backward keeps of one token (LLM) or one image (encoder) in bytes, whole branch, no
     # TP, 16-bit activations, no recompute: what the provider's layers save for their backward.
     llm_activation_bytes_per_token: float = 0.0
+    llm_expert_activation_bytes_per_token: float = 0.0  # of it, the routed experts' (capacity)
     encoder_activation_bytes_per_image: float = 0.0
     # attention layers x heads whose [s, s] scores backward keeps at 16-bit (megatron-core's
     # unfused local attention; 0 where TE's fused kernels keep none)

@@ -296,6 +296,7 @@ def facts(cfg: NemotronVLMConfig) -> ModelFacts:
                       + (0 if cfg.freeze_projection else projection),
                       llm_vocab_size=a.vocab_size,
                       llm_activation_bytes_per_token=language_activation_bytes(a),
+                      llm_expert_activation_bytes_per_token=moe_layers * expert_activation_bytes(a),
                       encoder_activation_bytes_per_image=vision_activation_bytes(
                           a, vit_trains=not cfg.freeze_vit, fused=te),
                       llm_attention_score_heads=0 if te else a.hybrid_layer_pattern.count("*")
@@ -340,13 +341,18 @@ def language_activation_bytes(a: Architecture) -> float:
                   + a.num_attention_heads * a.kv_channels) + 4 * a.num_attention_heads,
         # norm in/out, fp32 router input and scores, permuted tokens, FC1 out, activation out and
         # the unpermuted output per routed copy, the shared expert's FC1 and activation outputs
-        "E": 2 * 2 * h + 4 * h + 3 * 4 * a.num_experts
-        + 2 * a.moe_router_topk * (2 * h + 2 * a.moe_ffn_hidden_size)
+        "E": 2 * 2 * h + 4 * h + 3 * 4 * a.num_experts + expert_activation_bytes(a)
         + 2 * 2 * a.moe_shared_expert_intermediate_size,
         "-": 2 * (2 * h + 2 * a.ffn_hidden_size),
     }
     # the embedding's output and the final norm's
     return 2 * 2 * h + sum(per_layer[s] for s in a.hybrid_layer_pattern)
+
+
+def expert_activation_bytes(a: Architecture) -> float:
+    """Per token and MoE layer: each of its top-k routed copies, FC1's output, the activation's
+    output and the copy's output (padding to capacity scales this, memory.py)."""
+    return 2 * a.moe_router_topk * (2 * a.hidden_size + 2 * a.moe_ffn_hidden_size)
 
 
 def vision_activation_bytes(a: Architecture, *, vit_trains: bool, fused: bool) -> float:

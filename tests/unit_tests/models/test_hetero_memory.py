@@ -93,3 +93,32 @@ def test_the_dry_run_prints_the_estimate(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "memory (estimate, per GPU of each grid): language model " in out
     assert "(weights " in out and "activations " in out
+
+
+# Peaks measured on one H200 (torch.cuda.max_memory_allocated), nemotron-20l with 16 experts, TE,
+# seq 4096, global batch 8, LLM only: docs/benchmarks.md (the fast-path, capacity and CUDA-graph
+# tables, their commands there), earlier commits of this code than the estimate's.
+F = ["--moe-router-fusion", "--moe-permute-fusion", "--cross-entropy-loss-fusion",
+     "--use-transformer-engine-op-fuser", "--use-fused-weighted-squared-relu"]
+MEASURED = [
+    (["--micro-batch-size", "4", *F], 91.76),
+    (["--micro-batch-size", "1", *F], 59.04),
+    (["--micro-batch-size", "4", *F, "--moe-expert-capacity-factor", "1.5",
+      "--moe-pad-expert-input-to-capacity"], 102.71),
+    (["--model-preset", "nemotron-54l", "--micro-batch-size", "1", *F, "--recompute-granularity",
+      "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"], 115.94),
+]
+
+
+@pytest.mark.parametrize("flags, peak_gib", MEASURED)
+def test_the_estimate_is_within_ten_percent_of_peaks_measured_on_an_h200(flags, peak_gib,
+                                                                          monkeypatch):
+    from examples.mimo.model_providers import specs
+
+    monkeypatch.setattr(specs, "check_transformer_impl", lambda impl: None)  # no TE here
+    cuda = [f if f != "auto" else "cuda" for f in N20] + ONE_GPU + [
+        "--bf16", "--transformer-impl", "transformer_engine", "--global-batch-size", "8", *flags]
+    cfg = parse_config(cuda, world_size=1)
+    facts = MODEL_PROVIDERS[cfg.model_provider].facts(cfg.model)
+    estimate = memory.per_gpu(cfg, memory.estimate(cfg, facts)) / GIB
+    assert estimate == pytest.approx(peak_gib, rel=0.1)

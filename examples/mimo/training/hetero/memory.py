@@ -70,6 +70,9 @@ def language(cfg, facts) -> BranchMemory:
     layers = facts.llm_num_layers / g.llm_pp
     per_token = facts.llm_activation_bytes_per_token \
         + 2 * facts.llm_attention_score_heads * cfg.batch.seq_length  # a row of [s, s] scores
+    if facts.moe_pad_to_capacity and facts.moe_capacity_factor:
+        # every expert computes its full capacity, padded: capacity factor x its even share
+        per_token += (facts.moe_capacity_factor - 1) * facts.llm_expert_activation_bytes_per_token
     per_layer = per_token / facts.llm_num_layers * scale * tokens / g.llm_tp
     inputs = 2 * facts.llm_hidden_size * scale * tokens / g.llm_tp  # a recomputed layer's input
     stage = per_layer * _kept_layers(layers, k) + inputs * (layers - _kept_layers(layers, k))
