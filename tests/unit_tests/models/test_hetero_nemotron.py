@@ -96,6 +96,8 @@ def test_training_stage_projector_only_freezes_vit_and_lm():
     (["--llm-ep", "2", "--llm-only", "--llm-dp", "2", "--num-experts", "3",
       "--moe-router-topk", "2"], "--llm-ep 2 must divide the LLM's 3 experts"),
     (["--llm-tp", "4", "--llm-only"], "--llm-tp 4 must divide the LLM's 2 query groups"),
+    (["--llm-tp", "2", "--llm-only", "--llm-dp", "2", "--sequence-parallel", "--vocab-size", "255",
+      "--image-token-id", "254"], "--llm-tp 2 must divide the LLM's vocabulary of 255"),
     # Found on CPU/gloo (issue 16): megatron-core's TransformerConfig raised after the groups.
     (["--llm-tp", "2", "--llm-only", "--llm-dp", "2"],
      "--llm-tp 2 with experts needs --sequence-parallel"),

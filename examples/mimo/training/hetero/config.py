@@ -405,7 +405,7 @@ def validate_hf_sources(args: argparse.Namespace, provider, model_cfg) -> None:
                               vision_from=args.load_vision_from)
     if not parts:
         raise ValueError(f"--model-provider {args.model_provider} does not import Hugging Face "
-                         f"folders (nemotron_moe_vlm does)")
+                         f"folders (nemotron_moe_vlm and llava do)")
     for folder in sorted({p.folder for p in parts.values()}):
         Reader(folder)  # every weights file's header, here rather than on every rank later
 
@@ -491,6 +491,11 @@ def validate_model_fit(grid: GridConfig, facts: ModelFacts) -> None:
     if facts.llm_num_query_groups % grid.llm_tp:
         raise ValueError(
             f"--llm-tp {grid.llm_tp} must divide the LLM's {facts.llm_num_query_groups} query groups")
+    if facts.llm_vocab_size % grid.llm_tp:
+        # megatron-core splits the embedding and output rows over TP without padding them (an
+        # imported vocabulary must keep its size); it would stop only after the process groups
+        raise ValueError(f"--llm-tp {grid.llm_tp} must divide the LLM's vocabulary of "
+                         f"{facts.llm_vocab_size}")
     if not grid.llm_only and facts.encoder_num_heads % grid.encoder_tp:
         raise ValueError(
             f"--encoder-tp {grid.encoder_tp} must divide the encoder's "
