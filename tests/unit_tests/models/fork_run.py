@@ -58,7 +58,11 @@ def main() -> None:
         import examples.mimo.training.hetero.loop  # noqa: F401
         import examples.mimo.training.hetero.runtime  # noqa: F401
     config, _, _ = config_from_args(args)
-    config.start_method = "fork"
+    import torch
+
+    # Forking is what saves the imports; but a process whose imports touched CUDA (mamba-ssm's
+    # Triton kernels do) cannot hand it to a forked child, so a machine with GPUs spawns.
+    config.start_method = "spawn" if torch.cuda.is_available() else "fork"
     elastic_launch(config, _rank_main)(args.training_script, list(args.training_script_args))
 
 

@@ -77,9 +77,10 @@ def language(cfg, facts) -> BranchMemory:
     inputs = 2 * facts.llm_hidden_size * scale * tokens / g.llm_tp  # a recomputed layer's input
     stage = per_layer * _kept_layers(layers, k) + inputs * (layers - _kept_layers(layers, k))
     # 1F1B: the first LLM stage holds up to --llm-pp micro-batches, the last one plus the logits
-    # (16-bit, and unfused cross entropy's fp32 softmax), and their gradient in backward
+    # and their gradient; unfused cross entropy adds an fp32 copy, its softmax and an fp32
+    # gradient (12 bytes an entry: measured peaks on an H200 said 8 was too few, results.md)
     in_flight = min(cfg.batch.num_microbatches, g.llm_pp)
-    logits = tokens * facts.llm_vocab_size / g.llm_tp * (2 * b + (0 if k.cross_entropy_loss_fusion else 4))
+    logits = tokens * facts.llm_vocab_size / g.llm_tp * (2 * b + (0 if k.cross_entropy_loss_fusion else 12))
     activations = max(in_flight * stage, stage + logits)
     params = dense + expert
     return BranchMemory("language model", weights=params * b, grads=trains * params * 4,
