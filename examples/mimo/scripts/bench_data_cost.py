@@ -1,11 +1,12 @@
-"""What the energon data path costs a training step: the same model, batch and flags trained on
-mock data and on an energon dataset, one run after the other, ms/iteration compared.
+"""What a real data path costs a training step: the same model, batch and flags trained on mock
+data and on an energon dataset (or, with --data-provider hf, local Hugging Face data), one run
+after the other, ms/iteration compared.
 
     python examples/mimo/scripts/bench_data_cost.py --nproc 1 --iters 40 --skip 10 \
         --data-path DS/blend.yaml --tokenizer-model DS/tokenizer -- TRAIN_HETERO_FLAGS
 
 Mock samples are made in the training process; energon reads, decodes, tokenizes and batches in
-loader workers. Two measures: the time the training process waits in ``next(data)`` per step
+loader workers, hf in the training process. Two measures: the time the training process waits in ``next(data)`` per step
 (the log's "data wait", an upper bound of the data path's cost), and the ratio of the median
 step times (which also moves with the tokens themselves: MoE routing differs between mock and
 real text). The first run compiles the GPU kernels, so both runs drop their first --skip
@@ -48,6 +49,7 @@ def main(argv) -> int:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--skip", type=int, default=10, help="Warm-up iterations left out.")
+    p.add_argument("--data-provider", choices=("energon", "hf"), default="energon")
     p.add_argument("--data-path", required=True)
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--num-workers", type=int, default=2)
@@ -59,14 +61,15 @@ def main(argv) -> int:
     if a.skip >= a.iters - 2:
         p.error(f"--skip {a.skip} leaves fewer than 2 of --iters {a.iters} to compare")
     flags = [f for f in a.flags if f != "--"] + ["--train-iters", str(a.iters), "--log-interval", "1"]
-    energon = ["--data-provider", "energon", "--data-path", a.data_path, "--tokenizer-model",
-               a.tokenizer_model, "--num-workers", str(a.num_workers)]
+    real = ["--data-provider", a.data_provider, "--data-path", a.data_path, "--tokenizer-model",
+            a.tokenizer_model] + (["--num-workers", str(a.num_workers)]
+                                  if a.data_provider == "energon" else [])
     logs = a.log_dir or tempfile.mkdtemp(prefix="bench_data_cost_")
     os.makedirs(logs, exist_ok=True)
     mock = ["--data-provider", "mock"] + ([] if a.mock_text_vocab is None
                                           else ["--mock-text-vocab", str(a.mock_text_vocab)])
     rows = []
-    for name, extra in (("mock", mock), ("energon", energon)):
+    for name, extra in (("mock", mock), (a.data_provider, real)):
         steps, waits = step_times(train(a.nproc, flags + extra, os.path.join(logs, f"{name}.log")),
                                   a.skip)
         rows.append((name, statistics.median(steps), statistics.mean(steps), statistics.mean(waits),
@@ -75,7 +78,8 @@ def main(argv) -> int:
     for name, med, mean, wait, n in rows:
         print(f"{name:>8} {med:>10.1f} {mean:>9.1f} {wait:>13.2f} {100 * wait / mean:>9.2f}% {n:>6}")
     mock_ms, real_ms = rows[0][1], rows[1][1]
-    print(f"energon / mock median step time: {real_ms / mock_ms:.4f} ({100 * (real_ms / mock_ms - 1):+.2f} %)")
+    print(f"{a.data_provider} / mock median step time: {real_ms / mock_ms:.4f} "
+          f"({100 * (real_ms / mock_ms - 1):+.2f} %)")
     return 0
 
 
