@@ -188,3 +188,14 @@ def llava_loss(model, samples) -> float:
         total += float((loss * s["loss_mask"]).sum())
         count += float(s["loss_mask"].sum())
     return total / count
+
+
+def coverage_inputs(parts: dict, folder: str):
+    """What ``hf_checkpoint.coverage_problems`` checks for a provider's ``hf_parts`` of one
+    folder: (our keys -> recipes, the folder's tensor shapes, which tensors are left out)."""
+    from examples.mimo.model_providers.hf_checkpoint import Reader
+
+    recipes = {k: r for p in parts.values() for k, r in p.recipes.items()}
+    reader = Reader(folder)
+    shapes = {n: reader.shape(n) for n in reader.names()}
+    return recipes, shapes, lambda n: any(p.unused(n) for p in parts.values())

@@ -181,10 +181,7 @@ def test_coverage_names_what_is_missing_and_what_would_be_left(folder):
     cfg = config("--load-from-hf", folder)
     parts = nemotron.hf_parts(cfg.model, load_from_hf=folder, language_from=None,
                               vision_from=None)
-    recipes = {k: r for p in parts.values() for k, r in p.recipes.items()}
-    reader = Reader(folder)
-    shapes = {n: reader.shape(n) for n in reader.names()}
-    unused = lambda n: any(p.unused(n) for p in parts.values())  # noqa: E731
+    recipes, shapes, unused = hf_models.coverage_inputs(parts, folder)
     assert coverage_problems(recipes, recipes, shapes, unused) == []
     gone = "language_model.backbone.layers.1.mixer.gate.weight"
     found = coverage_problems(recipes, recipes, {k: v for k, v in shapes.items() if k != gone},

@@ -325,10 +325,7 @@ def test_other_savers_names_map_onto_the_model(folders, tmp_path, mapping):
                      extra=["vision_tower.vision_model.embeddings.position_ids"])
     cfg = config("--load-from-hf", folder)
     parts = llava.hf_parts(cfg.model, load_from_hf=folder, language_from=None, vision_from=None)
-    recipes = {k: r for p in parts.values() for k, r in p.recipes.items()}
-    reader = Reader(folder)
-    shapes = {n: reader.shape(n) for n in reader.names()}
-    unused = lambda n: any(p.unused(n) for p in parts.values())  # noqa: E731
+    recipes, shapes, unused = hf_models.coverage_inputs(parts, folder)
     assert coverage_problems(recipes, recipes, shapes, unused) == []
 
 
@@ -336,10 +333,7 @@ def test_coverage_names_what_is_missing_and_what_would_be_left(folders):
     folder = folders["llama_clip"]
     cfg = config("--load-from-hf", folder)
     parts = llava.hf_parts(cfg.model, load_from_hf=folder, language_from=None, vision_from=None)
-    recipes = {k: r for p in parts.values() for k, r in p.recipes.items()}
-    reader = Reader(folder)
-    shapes = {n: reader.shape(n) for n in reader.names()}
-    unused = lambda n: any(p.unused(n) for p in parts.values())  # noqa: E731
+    recipes, shapes, unused = hf_models.coverage_inputs(parts, folder)
     gone = "language_model.model.layers.1.mlp.up_proj.weight"
     assert coverage_problems(recipes, recipes, {k: v for k, v in shapes.items() if k != gone},
                              unused) == [f"the folder lacks ['{gone}']"]
