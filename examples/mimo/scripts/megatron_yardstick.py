@@ -192,14 +192,8 @@ def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
     """Mean ms/iteration of megatron.training on ``train_hetero_flags``' language model. With
     ``profile_dir``, ``profiled`` more iterations run under megatron's own torch profiler, which
     writes ``profile_dir/torch_profile/rank-0.json.gz`` (the measured ones are not profiled)."""
-    from examples.mimo.training.hetero.config import parse_config
-
     end = warmup + measure
-    cfg = parse_config([*LAYOUT, *train_hetero_flags, "--train-iters", str(end)], world_size=1)
-    if cfg.model.transformer_impl != "transformer_engine":
-        # training/models/hybrid.py builds hybrid_stack_spec (TE modules) whatever the impl
-        raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
-                         f"transformer_engine, megatron.training's only hybrid spec")
+    cfg = te_config([*LAYOUT, *train_hetero_flags, "--train-iters", str(end)])
     flags = megatron_flags(cfg, train_iters=end + (profiled if profile_dir else 0))
     if profile_dir:
         # megatron writes the trace to tensorboard_dir/../torch_profile
@@ -213,6 +207,18 @@ def run(train_hetero_flags: List[str], *, warmup: int, measure: int, log: str,
     if code:
         raise RuntimeError(f"megatron.training failed (exit {code}): {failure_line(text)}")
     return mean_ms(text, warmup + 1, end)
+
+
+def te_config(flags: List[str]):
+    """The one-rank TrainConfig of ``flags``; ValueError unless its layers are TE's."""
+    from examples.mimo.training.hetero.config import parse_config
+
+    cfg = parse_config(flags, world_size=1)
+    if cfg.model.transformer_impl != "transformer_engine":
+        # training/models/hybrid.py builds hybrid_stack_spec (TE modules) whatever the impl
+        raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
+                         f"transformer_engine, megatron.training's only hybrid spec")
+    return cfg
 
 
 def megatron_command(flags: List[str]) -> List[str]:
@@ -241,13 +247,8 @@ def seconds_to_first_iteration(cmd: List[str], log: str, name: str) -> float:
 
 def startup_rounds(train_hetero_flags: List[str], *, rounds: int, logs: str) -> dict:
     """Launch to the end of the first iteration, ours and megatron.training's, alternating."""
-    from examples.mimo.training.hetero.config import parse_config
-
     flags = [*LAYOUT, *train_hetero_flags, "--train-iters", "1", "--log-interval", "1"]
-    cfg = parse_config(flags, world_size=1)
-    if cfg.model.transformer_impl != "transformer_engine":
-        raise ValueError(f"--transformer-impl {cfg.model.transformer_impl}: the yardstick needs "
-                         f"transformer_engine, megatron.training's only hybrid spec")
+    cfg = te_config(flags)
     ours = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
             "-m", "examples.mimo.train_hetero", *flags]
     theirs = megatron_command(megatron_flags(cfg, train_iters=1))
