@@ -185,8 +185,11 @@ def validate_architecture(a: LlavaArchitecture) -> None:
                          a.num_attention_heads)
     common.check_divides("--vision-num-attention-heads", a.vision_num_attention_heads,
                          "--vision-hidden-size", a.vision_hidden_size)
+    # Not a multiple is allowed: the patch convolution drops the rest, as transformers' does
+    # (SigLIP so400m, LLaVA-OneVision's tower: 384 px in patches of 14).
     for flag, side in (("--img-h", a.img_h), ("--img-w", a.img_w)):
-        common.check_divides("--patch-dim", a.patch_dim, flag, side)
+        if a.patch_dim > side:
+            raise ValueError(f"--patch-dim {a.patch_dim} must not exceed {flag} {side}")
     built = llava_hf.vision_layers(a)
     if not 1 <= built <= a.vision_num_layers:
         raise ValueError(f"--vision-feature-layer {a.vision_feature_layer} must pick one of the "
@@ -362,9 +365,13 @@ class LlavaVisionTower(torch.nn.Module):
         self.config = config
         self.drop_first = drop_first
         clip = model_type == "clip"
+        # CLIPViTModel asserts whole patches; transformers' stride-patch convolution ignores the
+        # rest of a side that is no multiple (SigLIP so400m: 384 px, patches of 14), so the tower
+        # is built for the whole patches and forward crops the rest, which changes nothing.
+        self.crop = (img_h - img_h % patch_dim, img_w - img_w % patch_dim)
         self.vit = layers.clip_vit_model()(config, layer_spec, ln_pre_impl=norm, ln_post_impl=norm,
                                 add_class_token=clip, class_token_len=1 if clip else 0,
-                                patch_dim=patch_dim, img_h=img_h, img_w=img_w,
+                                patch_dim=patch_dim, img_h=self.crop[0], img_w=self.crop[1],
                                 model_subtype=model_type, pg_collection=pg_collection)
         self.vit.ln_post = None
 
@@ -373,7 +380,7 @@ class LlavaVisionTower(torch.nn.Module):
         return self.vit.sharded_state_dict(f"{prefix}vit.", sharded_offsets, metadata)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit(images)
+        x = self.vit(images[..., :self.crop[0], :self.crop[1]])
         return x[:, 1:] if self.drop_first else x
 
 

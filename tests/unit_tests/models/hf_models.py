@@ -143,14 +143,16 @@ LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
 LLAVA_IMAGE_TOKEN = 255
 
 
-def llava(path, *, text: dict, vision: dict, seed: int = 0, **top) -> str:
+def llava(path, *, text: dict, vision: dict, seed: int = 0, device: str = "cpu",
+          dtype=torch.float32, **top) -> str:
     """A LlavaForConditionalGeneration; ``text``/``vision``: model_type and fields over the
     shapes above; ``top``: llava config fields."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     cfg = LlavaConfig(text_config={**LLAVA_TEXT, **text}, vision_config={**LLAVA_VISION, **vision},
-                      image_token_index=LLAVA_IMAGE_TOKEN, **top)
-    model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+                      **{"image_token_index": LLAVA_IMAGE_TOKEN, **top})
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
     spice(model, seed)
     model.save_pretrained(str(path))
     return str(path)
@@ -171,9 +173,11 @@ def causal_lm(path, *, seed: int = 0, **text) -> str:
 @torch.no_grad()
 def llava_logits(model, samples) -> list:
     """transformers' logits [s, vocab] of each sample (input_ids [s], image [3, H, W] or None)."""
-    return [model(input_ids=s["input_ids"][None],
-                  **({} if s.get("image") is None else {"pixel_values": s["image"][None]})
-                  ).logits[0] for s in samples]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    return [model(input_ids=s["input_ids"][None].to(device),
+                  **({} if s.get("image") is None else
+                     {"pixel_values": s["image"][None].to(device, dtype)})).logits[0]
+            for s in samples]
 
 
 @torch.no_grad()
@@ -184,8 +188,8 @@ def llava_loss(model, samples) -> float:
 
     total, count = 0.0, 0.0
     for s, logits in zip(samples, llava_logits(model, samples)):
-        loss = F.cross_entropy(logits.float(), s["labels"], reduction="none")
-        total += float((loss * s["loss_mask"]).sum())
+        loss = F.cross_entropy(logits.float(), s["labels"].to(logits.device), reduction="none")
+        total += float((loss * s["loss_mask"].to(logits.device)).sum())
         count += float(s["loss_mask"].sum())
     return total / count
 

@@ -32,8 +32,10 @@ FLAGS = ["--model-provider", "nemotron_moe_vlm", "--llm-only", "--device", "cuda
          "--train-iters", "1", "--global-batch-size", "2", "--micro-batch-size", "1",
          "--seq-length", "1024", "--mock-text-vocab", "4000"]
 # bf16 weights and activations on both sides, different kernels (TE's fused GEMMs, megatron's
-# and transformers' Mamba scans): agreement to about a percent of the loss is what bf16 gives.
-RTOL = 2e-2
+# and transformers' Mamba scans). Found on an H200: 1.5e-4 (local), 2.7e-4 (TE); the bound
+# leaves 7x that (a random model's loss is near log(vocab) whatever the mapping: a percent
+# would not tell a wrong one).
+RTOL = 2e-3
 
 
 @pytest.fixture(scope="module")

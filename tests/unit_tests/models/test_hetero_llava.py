@@ -1,10 +1,10 @@
 """The LLaVA provider (model_providers/llava.py, llava_hf.py) against transformers, on CPU/gloo.
 
 The Hugging Face models are transformers' own (tiny, random, hf_models.py): Llama + CLIP (llama3
-RoPE scaling, untied), Qwen3 + SigLIP (QK-norm, linear RoPE scaling, tied, "full" features), and
-a Qwen2 language model alone (QKV biases, tied). Each is imported as the trainer imports it into
-a layout, and the logits of one global batch must equal transformers' on the same tokens and
-pixels; three jobs hold every layout. A short training run imports, saves, trains; its exports
+RoPE scaling, untied), Qwen3 + SigLIP (QK-norm, linear RoPE scaling, tied, "full" features, an
+image size no multiple of the patch), and a Qwen2 language model alone (QKV biases, tied). Each
+is imported as the trainer imports it into a layout, and the logits of one global batch must
+equal transformers' on the same tokens and pixels; three jobs hold every layout. A short training run imports, saves, trains; its exports
 are the source again (bit for bit) and, after training, the model transformers computes as ours.
 Bad folders and flags are one line, before any process group.
 """
@@ -47,7 +47,9 @@ def folders(tmp_path_factory):
             vision_feature_select_strategy="full",
             text=dict(model_type="qwen3", tie_word_embeddings=True,
                       rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
-            vision=dict(model_type="siglip_vision_model")),
+            # 36 is no multiple of the patch (8): transformers' convolution drops the rest, as
+            # the tower of LLaVA-OneVision does (SigLIP so400m: 384 px in patches of 14)
+            vision=dict(model_type="siglip_vision_model", image_size=36)),
         "qwen2": hf_models.causal_lm(root / "qwen2", seed=2, model_type="qwen2",
                                      tie_word_embeddings=True),
     }
@@ -238,8 +240,8 @@ def test_the_folders_give_the_shape(folders):
     assert llava.facts(cfg.model).encoder_num_layers == 2  # the last layer is not built
     q = config("--load-from-hf", folders["qwen3_siglip"]).model
     assert (q.arch.qk_layernorm, q.arch.untie_embeddings_and_output_weights, q.arch.rope_scaling,
-            q.image_tokens, llava.data_spec(q).pixel_mean) == (True, False, "linear", 16,
-                                                                (0.5, 0.5, 0.5))
+            q.image_tokens, llava.data_spec(q).pixel_mean, llava.data_spec(q).image_shape) == \
+        (True, False, "linear", 16, (0.5, 0.5, 0.5), (3, 36, 36))
     q2 = config("--llm-only", "--llm-dp", "2", "--load-language-from", folders["qwen2"]).model.arch
     assert (q2.add_qkv_bias, q2.qk_layernorm, q2.untie_embeddings_and_output_weights) == \
         (True, False, False)
@@ -429,6 +431,7 @@ def test_a_flag_contradicting_the_folder_is_one_line(folders, flags, message):
     (["--add-qkv-bias", "--qk-layernorm"], "has no Hugging Face counterpart"),
     (["--vision-model-type", "siglip", "--img-h", "8", "--img-w", "8"],
      "--vision-feature-select-strategy default leaves no image token of 1"),
+    (["--patch-dim", "40"], "--patch-dim 40 must not exceed --img-h 32"),
 ])
 def test_a_bad_folder_or_flag_is_one_line(folders, flags, message):
     flags = [f.format(**folders) for f in flags]

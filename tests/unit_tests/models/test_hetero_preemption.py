@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.unit_tests.models.dist_harness import (ROOT, free_port, job_env, read_json_lines,
+from tests.unit_tests.models.dist_harness import (ROOT, job_env, read_json_lines,
                                                    run_train)
 
 
