@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.unit_tests.models.dist_harness import (ROOT, job_env, read_json_lines,
+# free_port is unused on purpose: the port test patches it, so a job that went back to it fails
+from tests.unit_tests.models.dist_harness import (ROOT, free_port, job_env, read_json_lines,
                                                    run_train)
 
 
