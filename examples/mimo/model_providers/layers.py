@@ -141,15 +141,25 @@ def clip_vit_model():
     ``MegatronModule.sharded_state_dict`` falls back to parallel_state's TP group, which the
     hetero grids never initialise: saving the tower or importing weights into it fails with
     "tensor model parallel group is not initialized". This subclass keeps its process groups' TP
-    group, as ``RADIOViTModel`` does."""
+    group, as ``RADIOViTModel`` does.
+    It also asserts that the patch divides the image, where transformers' stride-patch
+    convolution ignores the rest of a side (SigLIP so400m, LLaVA-OneVision's tower: 384 px in
+    patches of 14). This subclass is built for the whole patches and crops the rest before its
+    convolution, which changes nothing that convolution computes."""
     from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 
     class GroupedCLIPViTModel(CLIPViTModel):
-        def __init__(self, *args, pg_collection=None, **kwargs):
-            super().__init__(*args, pg_collection=pg_collection, **kwargs)
+        def __init__(self, *args, pg_collection=None, patch_dim=14, img_h=336, img_w=336,
+                     **kwargs):
+            super().__init__(*args, pg_collection=pg_collection, patch_dim=patch_dim,
+                             img_h=img_h - img_h % patch_dim, img_w=img_w - img_w % patch_dim,
+                             **kwargs)
             if pg_collection is not None:
                 _mark("clip_vit_model")
                 self.tp_group = pg_collection.tp
+
+        def forward(self, x, attention_mask=None):
+            return super().forward(x[..., :self.img_h, :self.img_w], attention_mask)
 
     return GroupedCLIPViTModel
 

@@ -185,8 +185,7 @@ def validate_architecture(a: LlavaArchitecture) -> None:
                          a.num_attention_heads)
     common.check_divides("--vision-num-attention-heads", a.vision_num_attention_heads,
                          "--vision-hidden-size", a.vision_hidden_size)
-    # Not a multiple is allowed: the patch convolution drops the rest, as transformers' does
-    # (SigLIP so400m, LLaVA-OneVision's tower: 384 px in patches of 14).
+    # Not a multiple is allowed: the tower crops the rest (layers.clip_vit_model)
     for flag, side in (("--img-h", a.img_h), ("--img-w", a.img_w)):
         if a.patch_dim > side:
             raise ValueError(f"--patch-dim {a.patch_dim} must not exceed {flag} {side}")
@@ -365,13 +364,9 @@ class LlavaVisionTower(torch.nn.Module):
         self.config = config
         self.drop_first = drop_first
         clip = model_type == "clip"
-        # CLIPViTModel asserts whole patches; transformers' stride-patch convolution ignores the
-        # rest of a side that is no multiple (SigLIP so400m: 384 px, patches of 14), so the tower
-        # is built for the whole patches and forward crops the rest, which changes nothing.
-        self.crop = (img_h - img_h % patch_dim, img_w - img_w % patch_dim)
         self.vit = layers.clip_vit_model()(config, layer_spec, ln_pre_impl=norm, ln_post_impl=norm,
                                 add_class_token=clip, class_token_len=1 if clip else 0,
-                                patch_dim=patch_dim, img_h=self.crop[0], img_w=self.crop[1],
+                                patch_dim=patch_dim, img_h=img_h, img_w=img_w,
                                 model_subtype=model_type, pg_collection=pg_collection)
         self.vit.ln_post = None
 
@@ -380,7 +375,7 @@ class LlavaVisionTower(torch.nn.Module):
         return self.vit.sharded_state_dict(f"{prefix}vit.", sharded_offsets, metadata)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit(images[..., :self.crop[0], :self.crop[1]])
+        x = self.vit(images)
         return x[:, 1:] if self.drop_first else x
 
 

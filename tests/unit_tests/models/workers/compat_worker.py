@@ -427,9 +427,18 @@ def main(out_path: str, work: str):
         except AssertionError as err:
             symptom = "tensor model parallel group is not initialized" in str(err)
         tower = layers.clip_vit_model()(*args, **kwargs).sharded_state_dict(metadata=metadata)
-        return {"symptom": symptom,
+        # an image side that is no multiple of the patch (20 = 2 x 8 + 4)
+        refuses = raises(lambda: CLIPViTModel(*args, **dict(kwargs, img_h=20)), AssertionError)
+        torch.manual_seed(0)
+        cropping = layers.clip_vit_model()(*args, **dict(kwargs, img_h=20))
+        upstream = CLIPViTModel(*args, **kwargs)
+        upstream.load_state_dict(cropping.state_dict())
+        image = torch.randn(1, 3, 20, 16)
+        with torch.no_grad():
+            same = torch.equal(cropping(image), upstream(image[:, :, :16]))
+        return {"symptom": symptom and refuses,
                 "fixed": tower["decoder.layers.0.self_attention.linear_qkv.weight"].key
-                == "decoder.layers.self_attention.linear_qkv.weight"}
+                == "decoder.layers.self_attention.linear_qkv.weight" and same}
 
     @probe("tied_gpt_model")
     def _():
