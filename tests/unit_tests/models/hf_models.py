@@ -170,6 +170,16 @@ def causal_lm(path, *, seed: int = 0, **text) -> str:
     return str(path)
 
 
+def mock_batch(cfg, spec, *, first: int = 0) -> list:
+    """The mock provider's samples ``first`` .. ``first`` + global batch - 1 of a run of ``cfg``
+    (a TrainConfig) whose provider gives ``spec``: what its iteration first / batch + 1 reads."""
+    from examples.mimo.data import mock as mock_data
+
+    return [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=cfg.batch.seq_length,
+                                  seed=cfg.runtime.seed, with_images=not cfg.grid.llm_only)
+            for i in range(first, first + cfg.batch.global_batch_size)]
+
+
 @torch.no_grad()
 def llava_logits(model, samples) -> list:
     """transformers' logits [s, vocab] of each sample (input_ids [s], image [3, H, W] or None)."""

@@ -9,7 +9,6 @@ import importlib.util
 import pytest
 import torch
 
-from examples.mimo.data import mock as mock_data
 from examples.mimo.model_providers import nemotron_moe_vlm as nemotron
 from examples.mimo.training.hetero.config import parse_config
 from tests.unit_tests.models import hf_models
@@ -53,9 +52,7 @@ def transformers_loss(folder, flags):
     spec = nemotron.data_spec(cfg.model)
     model = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").cuda().eval()
-    samples = [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=cfg.batch.seq_length,
-                                     seed=cfg.runtime.seed, with_images=False)
-               for i in range(cfg.batch.global_batch_size)]
+    samples = hf_models.mock_batch(cfg, spec)
     loss = hf_models.llm_loss(model, samples)
     del model
     torch.cuda.empty_cache()

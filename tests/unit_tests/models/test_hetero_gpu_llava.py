@@ -10,7 +10,6 @@ import importlib.util
 import pytest
 import torch
 
-from examples.mimo.data import mock as mock_data
 from examples.mimo.model_providers import llava
 from examples.mimo.training.hetero.config import parse_config
 from tests.unit_tests.models import hf_models
@@ -61,10 +60,7 @@ def transformers_loss(folder, flags, cache):
 
         cfg = parse_config(flags, world_size=1)
         spec = llava.data_spec(cfg.model)
-        samples = [mock_data.make_sample(i, cfg=cfg.data, spec=spec,
-                                         seq_length=cfg.batch.seq_length, seed=cfg.runtime.seed,
-                                         with_images=True)
-                   for i in range(cfg.batch.global_batch_size)]
+        samples = hf_models.mock_batch(cfg, spec)
         model = LlavaForConditionalGeneration.from_pretrained(
             folder, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
         cache["loss"] = hf_models.llava_loss(model, samples)

@@ -37,9 +37,7 @@ def transformers_loss(model, flags, *, world, first):
     """transformers' loss on the global batch of samples first .. first + batch - 1."""
     cfg = parse_config(["--device", "cpu", "--train-iters", "1", *flags], world_size=world)
     spec = nemotron.data_spec(cfg.model)
-    samples = [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=cfg.batch.seq_length,
-                                     seed=cfg.runtime.seed, with_images=True)
-               for i in range(first, first + cfg.batch.global_batch_size)]
+    samples = hf_models.mock_batch(cfg, spec, first=first)
     assert any(s["image"] is not None for s in samples)
     return hf_models.omni_loss(model, samples, patch_dim=cfg.model.arch.patch_dim,
                                image_token_id=spec.image_token_id)

@@ -4,9 +4,10 @@ The Hugging Face models are transformers' own (tiny, random, hf_models.py): Llam
 RoPE scaling, untied), Qwen3 + SigLIP (QK-norm, linear RoPE scaling, tied, "full" features, an
 image size no multiple of the patch), and a Qwen2 language model alone (QKV biases, tied). Each
 is imported as the trainer imports it into a layout, and the logits of one global batch must
-equal transformers' on the same tokens and pixels; three jobs hold every layout. A short training run imports, saves, trains; its exports
-are the source again (bit for bit) and, after training, the model transformers computes as ours.
-Bad folders and flags are one line, before any process group.
+equal transformers' on the same tokens and pixels; three jobs hold every layout. A short
+training run imports, saves, trains; its exports are the source again (bit for bit) and, after
+training, the model transformers computes as ours. Bad folders and flags are one line, before
+any process group.
 """
 
 import dataclasses
@@ -16,7 +17,6 @@ import shutil
 import pytest
 import torch
 
-from examples.mimo.data import mock as mock_data
 from examples.mimo.model_providers import llava, llava_hf
 from examples.mimo.model_providers.hf_checkpoint import (Assembler, Experts, Reader,
                                                          coverage_problems)
@@ -61,10 +61,7 @@ def config(*flags, world=2):
 
 
 def samples_of(cfg):
-    spec = llava.data_spec(cfg.model)
-    return [mock_data.make_sample(i, cfg=cfg.data, spec=spec, seq_length=cfg.batch.seq_length,
-                                  seed=cfg.runtime.seed, with_images=not cfg.grid.llm_only)
-            for i in range(cfg.batch.global_batch_size)]
+    return hf_models.mock_batch(cfg, llava.data_spec(cfg.model))
 
 
 def load_hf(folder):

@@ -18,6 +18,7 @@ from examples.mimo.data.routing import LaneSet, LaneStreams
 from examples.mimo.data.task_encoder import MimoTaskEncoder
 from examples.mimo.data.tokenizer import Tokenizer
 from examples.mimo.interfaces import DataSpec
+from examples.mimo.training.hetero.exits import child_pids
 
 # Loaders stay alive until os._exit: dropping one joins its workers (seconds each).
 KEEP = []
@@ -62,7 +63,7 @@ def in_child(fn, *args):
         except BaseException:
             traceback.print_exc()
             code = 1
-        for child in children():
+        for child in child_pids(os.getpid()):
             os.kill(child, signal.SIGKILL)
         os._exit(code)
     os.close(write)
@@ -72,19 +73,6 @@ def in_child(fn, *args):
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{fn.__name__}{args} failed in its process")
     return json.loads(text)
-
-
-def children() -> list:
-    me = str(os.getpid())
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[1] == me:
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def routing(root: str) -> dict:
