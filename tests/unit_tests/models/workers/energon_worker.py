@@ -55,17 +55,21 @@ def in_child(fn, *args):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(read)
+        code = 1
         try:
+            os.close(read)
             with os.fdopen(write, "w") as out:
                 json.dump(fn(*args), out)
+            # torch's SIGCHLD handler raises when a loader worker dies; these kills are on
+            # purpose (seen in CI: it raised out of the kill loop, past os._exit)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for child in child_pids(os.getpid()):
+                os.kill(child, signal.SIGKILL)
             code = 0
         except BaseException:
             traceback.print_exc()
-            code = 1
-        for child in child_pids(os.getpid()):
-            os.kill(child, signal.SIGKILL)
-        os._exit(code)
+        finally:
+            os._exit(code)
     os.close(write)
     with os.fdopen(read) as result:
         text = result.read()
